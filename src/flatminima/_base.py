@@ -41,6 +41,7 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, ClassVar, ContextManager
 
 import torch
@@ -49,6 +50,7 @@ from torch.optim import Optimizer
 
 from . import _tensorops as T
 from . import _validate as V
+from . import passes as P
 
 _FORMAT = 1
 
@@ -74,6 +76,12 @@ class StepContext:
     perturbed: bool = False
     perturbed_sq: list[Tensor] | None = None  # per group ||g_p||^2
     extra: dict[str, Any] = field(default_factory=dict)  # hook-to-hook scratch
+    #: DDP process group when eps is per replica (gradients of the clean pass are local), else None
+    group: Any = None
+    #: m-sharpness on one device: this context is one chunk's, or the chunks' mean
+    chunked: bool = False
+    scaler: Any = None  # the step's GradScaler, when one is in use
+    scaler_views: list[object] = field(default_factory=list)  # what it unscaled, kept until update()
 
     @property
     def grad_norm(self) -> Tensor:
@@ -106,6 +114,13 @@ class SharpnessAware(Optimizer):
     keeps_clean_grad: ClassVar[bool] = False
     #: key -> validator for the method's per-group hyperparameters
     group_checks: ClassVar[Mapping[str, Callable[[str, Any], Any]]] = {}
+    #: whether ``_perturb_this_step`` reads the gradient (then, with per-shard
+    #: eps, it decides from the shards' mean gradient)
+    decides_from_gradient: ClassVar[bool] = False
+    #: keys of ``ctx.extra`` holding ``{param: Tensor}`` computed from a
+    #: shard's own gradient and committed in ``_post_step``: averaged over
+    #: the shards (replicas, chunks) before ``_combine``, as the gradient is
+    shard_state: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -116,9 +131,13 @@ class SharpnessAware(Optimizer):
         model: torch.nn.Module | None = None,
         max_grad_norm: float | None = None,
         foreach: bool | None = None,
+        sync_perturbations: bool = False,
         **base_kwargs: Any,
     ) -> None:
         self.max_grad_norm = V.optional_positive("max_grad_norm", max_grad_norm)
+        #: under DDP: average the clean gradient too (one global eps) instead of one eps per replica
+        self.sync_perturbations = V.flag("sync_perturbations", sync_perturbations)
+        self._scaler: Any = None  # the GradScaler of the step(closure) call under way
         self.foreach = V.optional_flag("foreach", foreach)
         if model is not None and not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -282,7 +301,7 @@ class SharpnessAware(Optimizer):
         return views
 
     @torch.no_grad()
-    def first_step(self, zero_grad: bool = False) -> bool:
+    def first_step(self, zero_grad: bool = False, *, scaler: torch.amp.GradScaler | None = None) -> bool:
         """Climb to ``w + eps`` from the gradients of the clean pass.
 
         Returns True when the caller must now run the perturbed pass
@@ -292,29 +311,95 @@ class SharpnessAware(Optimizer):
         :meth:`second_step` straight away. With ``zero_grad=True`` the
         gradients are set to None after a perturbation (``.grad`` holds
         ``eps`` by then, the clean gradient having been consumed).
+
+        ``scaler``: the ``torch.amp.GradScaler`` that scaled the clean
+        backward (``scaler.scale(loss).backward()``). The gradients are
+        unscaled here, the perturbed pass's in :meth:`second_step`, which
+        also calls ``scaler.update()`` once: do not call ``scaler.step`` or
+        ``scaler.update`` yourself.
         """
         if self._phase is not None:
             raise ValueError(
                 "first_step() called twice: call second_step() (or cancel_step()) before the next first_step()"
             )
+        ctx = self._open(scaler, self._replica_group())
+        try:
+            if not self._finite(ctx, ctx.grad_sq, every_rank=True):
+                phase = "skipped"
+                self._note_skip("clean")
+            elif not self._decide(ctx):
+                phase = "unperturbed"
+            else:
+                self._perturb(ctx)
+                phase = "perturbed"
+        except BaseException:
+            self._abandon(ctx)  # a hook raised: w and the scaler as they were
+            raise
+        self._phase, self._pending = phase, ctx
+        if zero_grad and phase == "perturbed":
+            self.zero_grad()
+        return phase == "perturbed"
+
+    def _open(self, scaler: Any, group: Any, scaler_views: list[object] | None = None) -> StepContext:
+        """The context of a step (or chunk) from the gradients now in ``.grad``,
+        unscaled first when a GradScaler is in use."""
         groups = self._collect()
         fe = self._use_foreach(groups)
-        grad_sq = [T.sum_of_squares(v.grads, fe) for v in groups]
-        ctx = StepContext(groups, fe, grad_sq)
-        if not T.is_finite(total(grad_sq)):
-            self._phase, self._pending = "skipped", ctx
-            self._note_skip("clean")
-            return False
-        if not self._perturb_this_step(ctx):
-            self._phase, self._pending = "unperturbed", ctx
-            return False
+        ctx = StepContext(groups, fe, [], group=group)
+        if P.scaler_enabled(scaler):
+            ctx.scaler = scaler
+            ctx.scaler_views = [] if scaler_views is None else scaler_views
+            P.unscale_pass(scaler, [p for v in groups for p in v.params], ctx.scaler_views)
+        ctx.grad_sq = [T.sum_of_squares(v.grads, fe) for v in groups]
+        return ctx
 
+    def _finite(self, ctx: StepContext, squares: list[Tensor], every_rank: bool) -> bool:
+        """Whether the gradients whose squared norms are ``squares`` are finite.
+        With ``every_rank`` and per-replica gradients, on every rank: the
+        ranks must skip together. A GradScaler hears of a non-finite value
+        its own check missed, so that it backs off as for an inf."""
+        value = total(squares)
+        finite = T.is_finite(value)
+        if every_rank and ctx.group is not None:
+            finite = P.all_ranks_true(finite, ctx.group, value.device)
+        if not finite and ctx.scaler is not None:
+            P.record_inf(ctx.scaler, ctx.scaler_views, value.device)
+        return finite
+
+    def _decide(self, ctx: StepContext) -> bool:
+        """``_perturb_this_step``, with per-replica gradients made consistent:
+        a step without a perturbed pass descends along the replicas' mean
+        gradient, and a method that decides from the gradient decides from
+        that mean (then perturbs from its own replica's gradient)."""
+        if ctx.group is None or ctx.chunked:
+            return self._perturb_this_step(ctx)
+        if not self.decides_from_gradient:
+            if self._perturb_this_step(ctx):
+                return True
+            self._average_grads(ctx)
+            return False
+        local = [T.clone(v.grads, ctx.foreach) for v in ctx.groups]
+        self._average_grads(ctx)
+        if not self._perturb_this_step(ctx):
+            return False
+        for v, own in zip(ctx.groups, local):
+            T.copy_(v.grads, own, ctx.foreach)
+        ctx.grad_sq = [T.sum_of_squares(v.grads, ctx.foreach) for v in ctx.groups]
+        return True
+
+    def _average_grads(self, ctx: StepContext) -> None:
+        P.all_reduce_mean_([g for v in ctx.groups for g in v.grads], ctx.group)
+        ctx.grad_sq = [T.sum_of_squares(v.grads, ctx.foreach) for v in ctx.groups]
+
+    def _perturb(self, ctx: StepContext) -> None:
+        """The ascent: ``.grad`` becomes ``eps`` in place and ``w <- w + eps``."""
+        groups, fe = ctx.groups, ctx.foreach
         if self.keeps_clean_grad:
             for v in groups:
                 v.clean = T.clone(v.grads, fe)
         scratch = [[torch.empty_like(p, memory_format=torch.preserve_format) for p in v.params] for v in groups]
         ascent_sq = []
-        for v, s, g_sq in zip(groups, scratch, grad_sq):
+        for v, s, g_sq in zip(groups, scratch, ctx.grad_sq):
             changed = self._ascent_vector(ctx, v, s)
             ascent_sq.append(T.sum_of_squares(v.grads, fe) if changed else g_sq)
         norm = total(ascent_sq).sqrt()
@@ -329,10 +414,6 @@ class SharpnessAware(Optimizer):
             # allocates new ones (else the step peaks at two extra copies).
             v.grads = []
         ctx.perturbed = True
-        self._phase, self._pending = "perturbed", ctx
-        if zero_grad:
-            self.zero_grad()
-        return True
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
@@ -345,57 +426,122 @@ class SharpnessAware(Optimizer):
         and a pass ran anyway (the popular snippet always runs the second
         pass), ``.grad`` re-bound by its ``zero_grad()`` is what the step
         uses, and it is checked for non-finite values as a second pass is.
+        With a GradScaler given to first_step(), the perturbed gradients are
+        unscaled here and ``scaler.update()`` is called once, skipped step
+        or not.
         """
         if self._phase is None:
             raise ValueError("second_step() called before first_step()")
         phase, ctx = self._phase, self._pending
+        assert ctx is not None
         self._phase, self._pending = None, None
         try:
             if phase == "skipped":
                 self.counters["skipped_steps"] += 1
                 return
             if phase == "perturbed":
-                self._restore(ctx)
-                self._refresh(ctx)
-                ctx.perturbed_sq = [T.sum_of_squares(v.grads, ctx.foreach) for v in ctx.groups]
-                if not T.is_finite(total(ctx.perturbed_sq)):
-                    self._note_skip("perturbed")
-                    self.counters["skipped_steps"] += 1
+                if not self._close_perturbed(ctx):
                     return
-                self._combine(ctx)
-                self.counters["perturbed_steps"] += 1
-            else:
-                if self._grads_replaced(ctx):
-                    # A pass ran after first_step() returned False (the popular
-                    # snippet always runs it): use, and check, what is in .grad now.
-                    self._refresh(ctx)
-                    ctx.grad_sq = [T.sum_of_squares(v.grads, ctx.foreach) for v in ctx.groups]
-                    if not T.is_finite(total(ctx.grad_sq)):
-                        self._note_skip("perturbed")
-                        self.counters["skipped_steps"] += 1
-                        return
-                self._combine_unperturbed(ctx)
-            self._clip(ctx)
-            self.base_optimizer.step()
-            self._post_step(ctx)
-            self.counters["steps"] += 1
-            # LR schedulers watch our `step` to warn about a missed
-            # optimizer step; the explicit API steps through here.
-            self._opt_called = True
+                if ctx.group is not None:
+                    self._average_shard_values(ctx, grads=False)
+            elif self._grads_replaced(ctx):
+                # A pass ran after first_step() returned False (the popular
+                # snippet always runs it): use, and check, what is in .grad now.
+                self._refresh(ctx)
+                if ctx.scaler is not None:
+                    P.unscale_pass(ctx.scaler, [p for v in ctx.groups for p in v.params], ctx.scaler_views)
+                ctx.grad_sq = [T.sum_of_squares(v.grads, ctx.foreach) for v in ctx.groups]
+                if not self._finite(ctx, ctx.grad_sq, every_rank=False):
+                    self._count_skip("perturbed")
+                    return
+            self._descend(ctx)
         finally:
+            if ctx.scaler is not None:
+                ctx.scaler.update()
             if zero_grad:
                 self.zero_grad()
+
+    def _close_perturbed(self, ctx: StepContext) -> bool:
+        """After the perturbed pass: restore ``w``, read ``g_p`` (unscaled) and
+        check it; False (the step counted as skipped) when it is non-finite."""
+        self._restore(ctx)
+        self._refresh(ctx)
+        if ctx.scaler is not None:
+            P.unscale_pass(ctx.scaler, [p for v in ctx.groups for p in v.params], ctx.scaler_views)
+        ctx.perturbed_sq = [T.sum_of_squares(v.grads, ctx.foreach) for v in ctx.groups]
+        # Per-replica perturbed passes are averaged by DDP (every rank sees the
+        # same g_p) except with chunks, whose passes all run locally.
+        if self._finite(ctx, ctx.perturbed_sq, every_rank=ctx.chunked):
+            return True
+        self._count_skip("perturbed")
+        return False
+
+    def _count_skip(self, where: str) -> None:
+        self._note_skip(where)
+        self.counters["skipped_steps"] += 1
+
+    def _average_shard_values(self, ctx: StepContext, grads: bool) -> None:
+        """Average over the replicas what each computed from its own
+        gradient: the kept clean gradients, the method's ``shard_state``
+        and, with ``grads``, ``.grad`` itself (chunks: every pass was local)."""
+        tensors = [g for v in ctx.groups for g in v.grads] if grads else []
+        tensors += [c for v in ctx.groups for c in (v.clean or [])]
+        for key in self.shard_state:
+            tensors += [t for t in ctx.extra.get(key, {}).values() if t is not None]
+        if tensors:
+            P.all_reduce_mean_(tensors, ctx.group)
+        self._shard_norms(ctx)
+
+    @staticmethod
+    def _shard_norms(ctx: StepContext) -> None:
+        """Norms of the averaged gradients (``grad_sq`` from the kept clean
+        copy; without one it stays the shards' own, which no hook reads
+        after a perturbed pass)."""
+        fe = ctx.foreach
+        if ctx.perturbed:
+            ctx.perturbed_sq = [T.sum_of_squares(v.grads, fe) for v in ctx.groups]
+            if all(v.clean is not None for v in ctx.groups):
+                ctx.grad_sq = [T.sum_of_squares(v.clean, fe) for v in ctx.groups]  # type: ignore[arg-type]
+        else:
+            ctx.grad_sq = [T.sum_of_squares(v.grads, fe) for v in ctx.groups]
+
+    def _descend(self, ctx: StepContext) -> None:
+        """Combine, clip, the base optimizer's step and the post-step term."""
+        if ctx.perturbed:
+            self._combine(ctx)
+            self.counters["perturbed_steps"] += 1
+        else:
+            self._combine_unperturbed(ctx)
+        self._clip(ctx)
+        self.base_optimizer.step()
+        self._post_step(ctx)
+        self.counters["steps"] += 1
+        # LR schedulers watch our `step` to warn about a missed
+        # optimizer step; the explicit API steps through here.
+        self._opt_called = True
 
     def cancel_step(self) -> None:
         """Abandon a step between first_step() and second_step(): restore ``w``
         exactly and leave every state untouched (for a perturbed pass that
-        raised, say). A no-op when no step is pending."""
+        raised, say), the GradScaler's included. A no-op when no step is
+        pending."""
         ctx, self._phase, self._pending = self._pending, None, None
-        if ctx is not None and ctx.perturbed:
-            with torch.no_grad():
-                self._restore(ctx)
+        if ctx is not None:
+            self._abandon(ctx)
 
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+    def _abandon(self, ctx: StepContext) -> None:
+        with torch.no_grad():
+            self._restore(ctx)  # the groups perturbed so far
+        if ctx.scaler is not None:
+            P.forget_passes(ctx.scaler, ctx.scaler_views)
+
+    def step(  # type: ignore[override]
+        self,
+        closure: Callable[..., Any] | None = None,
+        *,
+        scaler: torch.amp.GradScaler | None = None,
+        chunks: int | None = None,
+    ) -> Any:
         """One full step; ``closure`` zeroes the gradients, runs forward and
         backward and returns the loss. It is called for the clean pass and,
         when the method needs it, again at ``w + eps``. Returns the clean
@@ -404,6 +550,26 @@ class SharpnessAware(Optimizer):
         Unlike the popular SAM snippet, whose ``step(closure)`` expects the
         first backward to have been done already, this follows PyTorch's
         convention: do not call ``backward`` before ``step``.
+
+        Args:
+            closure: zero the gradients, forward, backward, return the loss.
+                A closure that loops over micro-batches (each loss divided
+                by their number) gives gradient accumulation.
+            scaler: a ``torch.amp.GradScaler`` for fp16 mixed precision. The
+                closure runs its forward under ``torch.autocast`` and calls
+                ``scaler.scale(loss).backward()``; the optimizer unscales
+                each pass's gradients before using them, skips the whole
+                step when either pass has an inf/NaN (weights restored
+                exactly, base state untouched) and calls ``scaler.update()``
+                once. Do not call ``scaler.step``/``scaler.update`` yourself.
+            chunks: m-sharpness on one device. The closure then takes the
+                chunk index, ``closure(i)`` for ``i`` in ``range(chunks)``,
+                and runs on that chunk of the batch (``x.split(m)``). Each
+                chunk gets its own ``eps`` from its own gradient, and the
+                step descends along the mean over chunks of the perturbed
+                gradients (the mean clean gradient where the method uses
+                ``g``). Returns the mean clean loss. Holds one more copy of
+                the parameters during the step (the running sum).
         """
         if closure is None:
             raise ValueError(
@@ -412,16 +578,164 @@ class SharpnessAware(Optimizer):
             )
         if not callable(closure):
             raise TypeError(f"closure must be callable, got {type(closure).__name__}")
-        loss = self._run_closure(closure, "clean")
-        if self.first_step():
-            try:
-                with self.perturbed_pass():
-                    self._run_closure(closure, "perturbed")
-            except BaseException:
-                self.cancel_step()
-                raise
-        self.second_step()
+        P.scaler_enabled(scaler)  # type check before any pass runs
+        if self._phase is not None:
+            raise ValueError("step() called between first_step() and second_step(); finish that step first")
+        if chunks is not None:
+            return self._chunked_step(closure, V.positive_int("chunks", chunks), scaler)
+        self._scaler = scaler if P.scaler_enabled(scaler) else None
+        try:
+            with self._local_pass():
+                loss = self._run_closure(closure, "clean")
+            if self.first_step(scaler=scaler):
+                try:
+                    with self.perturbed_pass():
+                        self._run_closure(closure, "perturbed")
+                except BaseException:
+                    self.cancel_step()
+                    raise
+            self.second_step()
+        finally:
+            self._scaler = None
         return loss
+
+    def _chunked_step(self, closure: Callable[[int], Any], n: int, scaler: Any) -> Any:
+        """m-sharpness: every chunk's clean and perturbed passes in turn, one
+        descent along the averaged gradients (see :meth:`step`)."""
+        ddp = P.ddp_module(self.model)
+        if ddp is not None and self.sync_perturbations:
+            raise ValueError(
+                "chunks= gives every chunk its own eps, sync_perturbations=True one eps for all replicas: "
+                "use one or the other"
+            )
+        group = ddp.process_group if ddp is not None and P.world_size(ddp.process_group) > 1 else None
+        views: list[object] = []
+        enabled = P.scaler_enabled(scaler)
+        self._scaler = scaler if enabled else None
+        losses: list[Any] = []
+        try:
+            decided: bool | None = None
+            extra: dict[str, Any] = {}
+            if self.decides_from_gradient:
+                # The decision needs the batch gradient: one clean sweep first.
+                sums = self._chunk_sweep(closure, n, scaler, group, views, losses, perturb=False)
+                if sums is None:
+                    return _mean(losses)
+                ctx = self._chunk_mean(sums, n, group, perturbed=False)
+                if not self._perturb_this_step(ctx):
+                    self._descend(ctx)
+                    return _mean(losses)
+                decided, extra, losses = True, ctx.extra, []
+            sums = self._chunk_sweep(closure, n, scaler, group, views, losses, perturb=decided)
+            if sums is None:
+                return _mean(losses)
+            ctx = self._chunk_mean(sums, n, group, perturbed=sums.perturbed)
+            ctx.extra = {**extra, **ctx.extra}
+            self._descend(ctx)
+            return _mean(losses)
+        except BaseException:
+            if enabled:
+                P.forget_passes(scaler, views)  # an abandoned step leaves the scaler as it was
+            raise
+        finally:
+            self._scaler = None
+            if enabled and views:
+                scaler.update()
+
+    def _chunk_sweep(
+        self,
+        closure: Callable[[int], Any],
+        n: int,
+        scaler: Any,
+        group: Any,
+        views: list[object],
+        losses: list[Any],
+        perturb: bool | None,
+    ) -> Any:
+        """Run every chunk (clean pass, and the perturbed pass when the method
+        perturbs: ``perturb``, or its own choice at the first chunk) and sum
+        the results; None when a non-finite gradient skipped the step."""
+        from ._shards import ShardSum  # imports this module
+
+        local = self._chunk_pass_context()
+        sums = ShardSum(self.shard_state)
+        for i in range(n):
+            chunk = partial(closure, i)
+            with local():
+                losses.append(self._run_closure(chunk, "clean"))
+            with torch.no_grad():
+                ctx = self._open(scaler, group, views)
+                ctx.chunked = True
+                if not self._finite(ctx, ctx.grad_sq, every_rank=True):
+                    self._count_skip("clean")
+                    return None
+                if perturb is None:
+                    perturb = self._perturb_this_step(ctx)
+                    sums.extra = ctx.extra  # the decision's own notes (committed after the step)
+                if perturb:
+                    self._perturb(ctx)
+            if perturb:
+                try:
+                    with local(), self.perturbed_pass():
+                        self._run_closure(chunk, "perturbed")
+                except BaseException:
+                    with torch.no_grad():
+                        self._restore(ctx)
+                    raise
+                with torch.no_grad():
+                    if not self._close_perturbed(ctx):
+                        return None
+            sums.add(ctx)
+        return sums
+
+    def _chunk_pass_context(self) -> Callable[[], ContextManager[Any]]:
+        ddp = P.ddp_module(self.model)
+        return ddp.no_sync if ddp is not None else nullcontext
+
+    @torch.no_grad()
+    def _chunk_mean(self, sums: Any, n: int, group: Any, perturbed: bool) -> StepContext:
+        """The step's context from the chunks' sums: mean gradients in
+        ``.grad``, averaged over the replicas too under DDP."""
+        groups = sums.mean_views(self.param_groups, n)
+        fe = self._use_foreach(groups)
+        ctx = StepContext(groups, fe, sums.grad_sq(n), perturbed=perturbed, group=group, chunked=True)
+        ctx.extra = sums.mean_state(n)
+        if group is not None:
+            self._average_shard_values(ctx, grads=True)
+        else:
+            self._shard_norms(ctx)
+        return ctx
+
+    def _local_pass(self) -> ContextManager[Any]:
+        """``model.no_sync()`` when the clean gradient must stay on its replica."""
+        ddp = P.ddp_module(self.model)
+        if ddp is None or self.sync_perturbations:
+            return nullcontext()
+        return ddp.no_sync()
+
+    def clean_pass(self) -> ContextManager[Any]:
+        """Context for the clean forward and backward of the explicit API.
+
+        Under DDP (``model=`` the ``DistributedDataParallel`` module) with
+        per-replica perturbations (the default), it is ``model.no_sync()``:
+        each replica's ``eps`` comes from its own gradient, and only the
+        perturbed pass's gradient is averaged across replicas (the paper's
+        m-sharpness and the official code's default). Elsewhere it does
+        nothing. ``step(closure)`` uses it by itself.
+        """
+        return self._local_pass()
+
+    def _backward(self, loss: Tensor) -> None:
+        """``loss.backward()``, scaled when ``step`` was given a GradScaler: for
+        methods whose closure form leaves the backward to the optimizer."""
+        (loss if self._scaler is None else self._scaler.scale(loss)).backward()
+
+    def _replica_group(self) -> Any:
+        """The DDP process group when ``eps`` is per replica, else None."""
+        ddp = P.ddp_module(self.model)
+        if ddp is None or self.sync_perturbations:
+            return None
+        return ddp.process_group if P.world_size(ddp.process_group) > 1 else None
 
     def _run_closure(self, closure: Callable[..., Any], which: str) -> Any:
         """Run one pass of :meth:`step`: ``which`` is ``"clean"`` (at ``w``; its
@@ -443,9 +757,7 @@ class SharpnessAware(Optimizer):
         it, so they come from the clean pass alone."""
         if self.model is None:
             return nullcontext()
-        from .passes import preserve_running_stats
-
-        return preserve_running_stats(self.model)
+        return P.preserve_running_stats(self.model)
 
     def _restore(self, ctx: StepContext) -> None:
         for v in ctx.groups:
@@ -570,6 +882,15 @@ class SharpnessAware(Optimizer):
         self.param_groups = self.base_optimizer.param_groups  # loading replaced both lists: share again
         self.counters = dict(meta["counters"])
         self.method_state = _copy_state(meta["method_state"])
+
+
+def _mean(losses: list[Any]) -> Any:
+    """Mean of the chunks' losses (tensors detached: the graphs are gone)."""
+    if not losses or any(x is None for x in losses):
+        return None
+    if all(isinstance(x, Tensor) for x in losses):
+        return torch.stack([x.detach().float() for x in losses]).mean()
+    return sum(float(x) for x in losses) / len(losses)
 
 
 def _as_list(params: Any) -> list[Tensor]:

@@ -104,6 +104,8 @@ class AESAM(SAM):
     yourself). The first step initialises the averages with ``x_1``.
     """
 
+    decides_from_gradient = True  # ||g||^2 against its running statistics
+
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],

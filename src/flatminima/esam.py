@@ -250,7 +250,7 @@ class ESAM(SharpnessAware):
         loss has no graph: skip the backward (``if loss.requires_grad:``);
         the step then has ``eps = 0``.
         """
-        with self._masked(self._masked_for_clean_pass()):
+        with self._local_pass(), self._masked(self._masked_for_clean_pass()):
             yield
 
     @staticmethod
@@ -335,7 +335,7 @@ class ESAM(SharpnessAware):
                 out = closure()
                 per_sample = self._per_sample(out, masked=bool(masked))
                 if per_sample and out.requires_grad:
-                    out.mean().backward()
+                    self._backward(out.mean())
                 # per-sample losses without a graph: the mask hides every tensor
                 # they depend on; no clean gradient, so eps = 0 this step
             return out, per_sample
@@ -352,7 +352,7 @@ class ESAM(SharpnessAware):
             out = closure()
             per_sample = self._per_sample(out)
             if per_sample:
-                out.mean().backward()
+                self._backward(out.mean())
         return out, per_sample
 
     def _run_closure(self, closure: Callable[..., Any], which: str) -> Any:
@@ -390,7 +390,7 @@ class ESAM(SharpnessAware):
             out = closure() if indices is None else closure(indices)
             if not self._per_sample(out):
                 raise ValueError("ESAM: the closure returned a scalar in the perturbed pass; return per-sample losses")
-            out.mean().backward()
+            self._backward(out.mean())
         return None
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:

@@ -66,6 +66,7 @@ class FriendlySAM(SharpnessAware):
     skipped for a non-finite gradient leaves ``m`` unchanged.
     """
 
+    shard_state = ("m",)  # the new momentum, from this shard's gradient
     group_checks = {
         "rho": V.non_negative,
         "sigma": V.non_negative,

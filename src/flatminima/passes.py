@@ -87,3 +87,105 @@ def preserve_running_stats(model: nn.Module, buffers: BufferFilter = is_running_
         yield
     finally:
         restore()
+
+
+# ---------------------------------------------------------------------- GradScaler
+class _GradsOf:
+    """What ``GradScaler.unscale_`` reads from an optimizer: ``param_groups``.
+
+    The scaler allows one ``unscale_`` per optimizer between two
+    ``update()`` calls, keyed by ``id(optimizer)``, while a sharpness-aware
+    step unscales two passes (more with chunks). Each pass unscales through
+    its own view, so every pass's inf check is recorded and ``update()``
+    sees them all: the public API, used once per pass. The step keeps the
+    views alive until ``update()`` (an id must not be reused meanwhile).
+    """
+
+    def __init__(self, params: list[Tensor]) -> None:
+        self.param_groups = [{"params": params}]
+
+
+def scaler_enabled(scaler: object | None) -> bool:
+    """Whether ``scaler`` is an enabled ``torch.amp.GradScaler`` (a disabled
+    one, ``enabled=False``, leaves gradients alone as PyTorch's does)."""
+    if scaler is None:
+        return False
+    if not isinstance(scaler, torch.amp.GradScaler):
+        raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
+    return scaler.is_enabled()
+
+
+def unscale_pass(scaler: torch.amp.GradScaler, params: list[Tensor], keep: list[object]) -> None:
+    """Divide the ``.grad`` of ``params`` by the scale in place and record
+    the pass's inf/NaN check on the scaler (for its ``update()``)."""
+    view = _GradsOf(params)
+    keep.append(view)
+    scaler.unscale_(view)  # type: ignore[arg-type]
+
+
+def record_inf(scaler: torch.amp.GradScaler, keep: list[object], device: torch.device) -> None:
+    """Tell the scaler this step found a non-finite value that its own check
+    did not see (another replica's gradient, or a sum of squares that
+    overflowed), so that ``update()`` backs the scale off as for an inf."""
+    dummy = torch.zeros(1, device=device, requires_grad=True)
+    dummy.grad = torch.full((1,), float("inf"), device=device)  # inf after unscaling too
+    unscale_pass(scaler, [dummy], keep)
+
+
+def forget_passes(scaler: torch.amp.GradScaler, keep: list[object]) -> None:
+    """Drop the records of an abandoned step (``cancel_step``) so that the
+    scaler is as it was before the step: no update, no stale inf check."""
+    states = getattr(scaler, "_per_optimizer_states", None)
+    if states is not None:
+        for view in keep:
+            states.pop(id(view), None)
+    keep.clear()
+
+
+# ---------------------------------------------------------------------- DDP
+def ddp_module(model: nn.Module | None) -> nn.parallel.DistributedDataParallel | None:
+    """``model`` when it is a ``DistributedDataParallel`` wrapper, else None."""
+    return model if isinstance(model, nn.parallel.DistributedDataParallel) else None
+
+
+def world_size(group: object) -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size(group)  # type: ignore[arg-type]
+
+
+def all_ranks_true(flag: bool, group: object, device: torch.device) -> bool:
+    """Whether ``flag`` holds on every rank (one scalar all-reduce): the
+    ranks must agree on skipping a step, or their collectives fall out of
+    step."""
+    import torch.distributed as dist
+
+    t = torch.tensor([0.0 if flag else 1.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)  # type: ignore[arg-type]
+    return bool(t.item() == 0.0)
+
+
+_BUCKET_ELEMENTS = 1 << 24  # 64 MiB of float32: bounds the flat buffer's memory
+
+
+def all_reduce_mean_(tensors: list[Tensor], group: object) -> None:
+    """Average ``tensors`` across the ranks of ``group`` in place, through
+    flat buffers of at most ``_BUCKET_ELEMENTS`` per device and dtype (a
+    few collectives instead of one per tensor)."""
+    import torch.distributed as dist
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    n = world_size(group)
+    buckets: dict[tuple[torch.device, torch.dtype], list[list[Tensor]]] = {}
+    for t in tensors:
+        lists = buckets.setdefault((t.device, t.dtype), [[]])
+        if lists[-1] and sum(x.numel() for x in lists[-1]) + t.numel() > _BUCKET_ELEMENTS:
+            lists.append([])
+        lists[-1].append(t)
+    for lists in buckets.values():
+        for bucket in lists:
+            flat = _flatten_dense_tensors(bucket)
+            dist.all_reduce(flat, group=group)  # type: ignore[arg-type]
+            flat.div_(n)
+            for t, avg in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
+                t.copy_(avg)

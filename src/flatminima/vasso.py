@@ -65,6 +65,7 @@ class VaSSO(SharpnessAware):
     committed after the base step.
     """
 
+    shard_state = ("d",)  # the new average, from this shard's gradient
     group_checks = {
         "rho": V.non_negative,
         "theta": partial(V.in_range, low=0.0, high=1.0, low_open=True),
