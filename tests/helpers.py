@@ -220,3 +220,23 @@ def one_case_per_method(cases: list[Any]) -> list[Any]:
     ordered = sorted(cases, key=lambda c: getattr(c, "closure", "loss") != "loss")  # stable
     first = {id(c) for c in ordered if not (c.method in seen or seen.add(c.method))}
     return [c for c in cases if id(c) in first]
+
+
+def chunk_closure(
+    opt: Any, model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunks: int, kind: str = "loss"
+) -> Callable[..., torch.Tensor]:
+    """The closure of ``step(closure, chunks=chunks)``: ``closure(i, ...)`` is
+    :func:`make_closure`'s closure on chunk ``i`` of ``x.chunk(chunks)``."""
+    xs, ys = x.chunk(chunks), y.chunk(chunks)
+
+    def closure(i: int, *args: Any) -> torch.Tensor:
+        return make_closure(opt, model, xs[i], ys[i], kind)(*args)
+
+    return closure
+
+
+def shard_closures(
+    opt: Any, model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunks: int, kind: str = "loss"
+) -> list[Callable[..., torch.Tensor]]:
+    """One :func:`make_closure` per chunk of ``x.chunk(chunks)`` (for the references' sharded_step)."""
+    return [make_closure(opt, model, xb, yb, kind) for xb, yb in zip(x.chunk(chunks), y.chunk(chunks))]

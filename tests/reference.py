@@ -85,6 +85,10 @@ class Reference:
             d = self.direction(w, g, gp)
         else:
             d = self.direction_single(w, g)
+        self._descend(params, g, gp, d)
+        return loss
+
+    def _descend(self, params: Nested, g: Nested, gp: Nested | None, d: Nested) -> None:
         for ps, ds in zip(params, d):
             for p, di in zip(ps, ds):
                 p.grad = di.clone()
@@ -96,7 +100,50 @@ class Reference:
                 for p, wn in zip(ps, ws):
                     p.copy_(wn)
         self.t += 1
-        return loss
+
+    def sharded_step(self, closures: list[Callable[[], Tensor]]) -> Tensor:
+        """m-sharpness (§1, Foret et al. §4.1): one step over shards of the
+        batch. Shard s has its own g_s and eps_s = perturbation(w, g_s);
+        g = mean_s g_s, g_p = mean_s grad L_s(w + eps_s), and the step is
+        the method's with (g, g_p): the choice of a perturbed pass is made
+        on g, as is any state the perturbation records (the reference's
+        states are linear in g, so this is the mean of the shards'). Each
+        closure zeroes, runs its shard forward and backward, returns the loss."""
+        n = len(closures)
+        losses, gs = [], []
+        for closure in closures:
+            losses.append(closure().detach())
+            params = [[p for p in grp["params"] if p.grad is not None] for grp in self.groups]
+            gs.append([[p.grad.detach().clone() for p in ps] for ps in params])
+        w = [[p.detach().clone() for p in ps] for ps in params]
+        g = _mean_nested(gs)
+        gp = None
+        if self.needs_second_pass(w, g):
+            gps = []
+            for closure, g_s in zip(closures, gs):
+                eps = self.perturbation(w, g_s)
+                with torch.no_grad():
+                    for ps, es in zip(params, eps):
+                        for p, e in zip(ps, es):
+                            p.copy_(p + e)
+                closure()
+                gps.append([[p.grad.detach().clone() for p in ps] for ps in params])
+                with torch.no_grad():
+                    for ps, ws in zip(params, w):
+                        for p, w0 in zip(ps, ws):
+                            p.copy_(w0)
+            self.perturbation(w, g)  # the state it records: that of the mean gradient
+            gp = _mean_nested(gps)
+            d = self.direction(w, g, gp)
+        else:
+            d = self.direction_single(w, g)
+        self._descend(params, g, gp, d)
+        return sum(losses) / n
+
+
+def _mean_nested(values: list[Nested]) -> Nested:
+    n = len(values)
+    return [[sum(parts) / n for parts in zip(*groups)] for groups in zip(*values)]
 
 
 class RefSAM(Reference):
@@ -429,16 +476,18 @@ class RefESAM(Reference):
     max(1, floor(gamma n)) samples of largest l(w + eps) - l(w) in batch order,
     g_p = grad of their mean loss at w + eps. Base(w, g_p)."""
 
-    def step(self, closure: Callable[..., Tensor]) -> Tensor:
+    def _active(self) -> dict[int, bool]:
         grp0 = self.groups[0]
         everything = [(grp, p) for grp in self.groups for p in grp["params"]]
         if all(grp["beta"] >= 1 for grp, _ in everything):
-            active = {id(p): True for _, p in everything}
-        else:
-            gen = torch.Generator().manual_seed(esam_step_seed(grp0["seed"], self.t))
-            u = torch.rand(len(everything), generator=gen, dtype=torch.float64)
-            active = {id(p): bool(u[j] < grp["beta"]) for j, (grp, p) in enumerate(everything)}
+            return {id(p): True for _, p in everything}
+        gen = torch.Generator().manual_seed(esam_step_seed(grp0["seed"], self.t))
+        u = torch.rand(len(everything), generator=gen, dtype=torch.float64)
+        return {id(p): bool(u[j] < grp["beta"]) for j, (grp, p) in enumerate(everything)}
 
+    def _shard(self, closure: Callable[..., Tensor], active: dict[int, bool]) -> tuple[Tensor, Nested, Nested]:
+        """Clean pass, eps, (selection,) perturbed pass, restore: (loss, params, g_p)."""
+        grp0 = self.groups[0]
         self.base.zero_grad()
         out = closure()
         per_sample = out.dim() == 1
@@ -477,12 +526,27 @@ class RefESAM(Reference):
             for ps, ws in zip(params, w):
                 for p, w0 in zip(ps, ws):
                     p.copy_(w0)
-        for ps, ds in zip(params, gp):
+        return loss, params, gp
+
+    def _base_step(self, params: Nested, d: Nested) -> None:
+        for ps, ds in zip(params, d):
             for p, di in zip(ps, ds):
                 p.grad = di.clone()
         self.base.step()
         self.t += 1
+
+    def step(self, closure: Callable[..., Tensor]) -> Tensor:
+        loss, params, gp = self._shard(closure, self._active())
+        self._base_step(params, gp)
         return loss
+
+    def sharded_step(self, closures: list[Callable[..., Tensor]]) -> Tensor:
+        """m-sharpness: the step's one mask, each shard's own eps and
+        selection, g_p the mean over shards."""
+        active = self._active()
+        results = [self._shard(closure, active) for closure in closures]
+        self._base_step(results[-1][1], _mean_nested([gp for _, _, gp in results]))
+        return sum(loss.detach() for loss, _, _ in results) / len(results)
 
 
 REFERENCES.update(

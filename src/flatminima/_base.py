@@ -505,6 +505,7 @@ class SharpnessAware(Optimizer):
         else:
             ctx.grad_sq = [T.sum_of_squares(v.grads, fe) for v in ctx.groups]
 
+    @torch.no_grad()
     def _descend(self, ctx: StepContext) -> None:
         """Combine, clip, the base optimizer's step and the post-step term."""
         if ctx.perturbed:
@@ -889,7 +890,7 @@ def _mean(losses: list[Any]) -> Any:
     if not losses or any(x is None for x in losses):
         return None
     if all(isinstance(x, Tensor) for x in losses):
-        return torch.stack([x.detach().float() for x in losses]).mean()
+        return torch.stack([x.detach() for x in losses]).mean()
     return sum(float(x) for x in losses) / len(losses)
 
 
