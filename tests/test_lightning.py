@@ -411,3 +411,28 @@ def test_manual_optimization(case: Case, explicit: bool) -> None:
     assert trainer.global_step == (0 if explicit else STEPS)
     assert module.opt.counters == opt.counters
     assert same_tensors(module.net, net)
+
+
+class BareStepNet(ManualNet):
+    """Lightning's usual manual pattern: manual_backward, then ``opt.step()``
+    without a closure. LightningOptimizer then passes its do-nothing closure
+    as ``closure=``: both of our "passes" run no backward."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        opt = self.optimizers()
+        opt.zero_grad()
+        self.manual_backward(nn.functional.cross_entropy(self.net(x), y))
+        opt.step()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="step() does not notice a perturbed pass that runs no backward: .grad still holds eps and "
+    "second_step() takes it for the perturbed gradient (needs a guard in flatminima/_base.py)",
+)
+def test_manual_step_without_closure_is_refused() -> None:
+    case = PER_METHOD[0]
+    module = BareStepNet(case, batches(STEPS, DTYPE, size=16), explicit=False)
+    with pytest.raises((ValueError, RuntimeError)):
+        fit(module, max_steps=-1, max_epochs=1)
