@@ -15,6 +15,7 @@ from torch.optim import Optimizer
 from . import _tensorops as T
 from . import _validate as V
 from ._base import GroupView, SharpnessAware, StepContext
+from . import passes as P
 from .passes import snapshot_running_stats
 
 _MASK64 = (1 << 64) - 1
@@ -231,7 +232,11 @@ class ESAM(SharpnessAware):
 
     def _masked_for_clean_pass(self) -> list[Tensor]:
         mask = self.tensor_mask()
-        if mask is None:
+        if mask is None or P.ddp_module(self.model) is not None:
+            # DDP hooks each parameter's gradient accumulator once; toggling
+            # requires_grad replaces it, and DDP then waits forever for that
+            # gradient. Under DDP the masked tensors' clean gradients are
+            # computed and ignored (eps_j = 0 all the same; no backward saving).
             return []
         params = self._all_params()
         trainable = sum(p.requires_grad for p in params)

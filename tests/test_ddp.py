@@ -1,0 +1,171 @@
+"""DDP: two processes, gloo on CPU (``torch.multiprocessing.spawn``).
+
+Per-replica perturbation (the default, the paper's m-sharpness): every rank
+perturbs with its own gradient, the clean pass runs under ``no_sync()`` and
+only the perturbed gradient is averaged. For every configuration of
+methods_db, through ``step(closure)`` with ``model=`` the DDP module and
+through the explicit API with ``opt.clean_pass()``:
+
+* the two ranks end bit-identical (weights and optimizer state), and
+* they equal, bit for bit, the single-process run of the same semantics,
+  ``step(closure, chunks=2)`` with chunk ``r`` = rank ``r``'s shard (which
+  tests/test_m_sharpness.py checks against the references; DDP's
+  ``g/2 + g'/2`` and the chunks' ``(g + g')/2`` round alike).
+
+``sync_perturbations=True`` (one global eps) equals the plain full-batch
+step, and a GradScaler under DDP equals the unscaled run.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import flatminima
+import helpers
+from methods_db import CASES, Case
+from test_reference import build_pair
+
+STEPS = 3
+WORLD = 2
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+
+
+def _shard(t: torch.Tensor, rank: int) -> torch.Tensor:
+    return t.chunk(WORLD)[rank]
+
+
+def _run_case(case: Case, rank: int, mode: str) -> dict[str, Any]:
+    """One configuration for STEPS steps on this rank's shard."""
+    model, _, _, _ = build_pair(case, "sgd-momentum", case.second_group)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    extra = {"sync_perturbations": True} if mode == "sync" else {}
+    groups = helpers.two_groups(model, **case.second_group)
+    opt = flatminima.create(case.method, groups, torch.optim.SGD, lr=0.1, momentum=0.9, model=ddp, **case.kwargs, **extra)
+    schedulers = [case.scheduler(opt)] if case.scheduler else []
+    sc = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1) if mode == "scaler" else None
+    for i, (x, y) in enumerate(helpers.batches(STEPS, torch.float64)):
+        xr, yr = _shard(x, rank), _shard(y, rank)
+        torch.manual_seed(1000 + i)
+        if mode == "explicit":
+            with opt.clean_pass():
+                nn.functional.cross_entropy(ddp(xr), yr).backward()
+            if opt.first_step(zero_grad=True):
+                nn.functional.cross_entropy(ddp(xr), yr).backward()
+            opt.second_step(zero_grad=True)
+        elif mode == "scaler":
+            def closure() -> torch.Tensor:
+                opt.zero_grad()
+                loss = nn.functional.cross_entropy(ddp(xr), yr)
+                sc.scale(loss).backward()
+                return loss
+
+            opt.step(closure, scaler=sc)
+        else:
+            opt.step(helpers.make_closure(opt, ddp, xr, yr, case.closure))
+        for s in schedulers:
+            s.step()
+    return {"params": helpers.params_of(model), "state": opt.state_dict()}
+
+
+MODES = {
+    "closure": CASES,
+    "explicit": [c for c in CASES if c.closure == "loss"],
+    "sync": CASES,
+    "scaler": [c for c in CASES if c.closure == "loss"][:3],
+}
+
+
+def _worker(rank: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    torch.set_num_threads(1)
+    try:
+        results = {mode: {c.id: _run_case(c, rank, mode) for c in cases} for mode, cases in MODES.items()}
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    tmp = tmp_path_factory.mktemp("ddp")
+    mp.spawn(_worker, args=(str(tmp / "init"), str(tmp)), nprocs=WORLD, join=True)
+    return [torch.load(tmp / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+
+
+def _chunked_run(case: Case) -> list[torch.Tensor]:
+    model, opt, _, _ = build_pair(case, "sgd-momentum", case.second_group)
+    schedulers = [case.scheduler(opt)] if case.scheduler else []
+    for i, (x, y) in enumerate(helpers.batches(STEPS, torch.float64)):
+        torch.manual_seed(1000 + i)
+        opt.step(helpers.chunk_closure(opt, model, x, y, WORLD, case.closure), chunks=WORLD)
+        for s in schedulers:
+            s.step()
+    return helpers.params_of(model)
+
+
+def _full_batch_run(case: Case) -> list[torch.Tensor]:
+    model, opt, _, _ = build_pair(case, "sgd-momentum", case.second_group)
+    schedulers = [case.scheduler(opt)] if case.scheduler else []
+    for i, (x, y) in enumerate(helpers.batches(STEPS, torch.float64)):
+        torch.manual_seed(1000 + i)
+        opt.step(helpers.make_closure(opt, model, x, y, case.closure))
+        for s in schedulers:
+            s.step()
+    return helpers.params_of(model)
+
+
+@pytest.mark.parametrize(("mode", "case"), [(m, c) for m, cs in MODES.items() for c in cs], ids=lambda v: getattr(v, "id", v))
+def test_ranks_end_bit_identical(ranks: list[dict[str, Any]], mode: str, case: Case) -> None:
+    a, b = ranks[0][mode][case.id], ranks[1][mode][case.id]
+    helpers.assert_tree_equal(a["params"], b["params"])
+    helpers.assert_tree_equal(a["state"], b["state"])
+    assert a["state"]["flatminima"]["counters"]["steps"] == STEPS
+
+
+@pytest.mark.parametrize(
+    ("mode", "case"),
+    [(m, c) for m in ("closure", "explicit", "scaler") for c in MODES[m]],
+    ids=lambda v: getattr(v, "id", v),
+)
+def test_per_replica_equals_single_process_chunks(ranks: list[dict[str, Any]], mode: str, case: Case) -> None:
+    got = ranks[0][mode][case.id]["params"]
+    want = _chunked_run(case)
+    diff = helpers.max_abs_diff(got, want)
+    assert diff == 0.0, f"{case.id}/{mode}: DDP vs chunks=2: max |w - w_ref| = {diff:.3e}"
+    full = _full_batch_run(case)
+    if ranks[0][mode][case.id]["state"]["flatminima"]["counters"]["perturbed_steps"]:
+        assert helpers.max_abs_diff(got, full) > 1e-9, f"{case.id}: per-replica eps gave the global-eps step"
+
+
+# Per-sample closures select samples on each replica's shard (ESAM's
+# top-gamma|B_r|), which no full-batch step does: the PyTorch-form cases only.
+@pytest.mark.parametrize("case", [c for c in CASES if c.closure == "loss"], ids=lambda c: c.id)
+def test_sync_perturbations_is_the_full_batch_step(ranks: list[dict[str, Any]], case: Case) -> None:
+    got = ranks[0]["sync"][case.id]["params"]
+    diff = helpers.max_abs_diff(got, _full_batch_run(case))
+    assert diff <= 1e-12, f"{case.id}: sync_perturbations vs the full batch: {diff:.3e}"
+
+
+def test_torchrun_example(tmp_path: Path) -> None:
+    """examples/ddp_sam.py under ``torchrun --nproc-per-node 2`` (its own
+    check: both ranks print the same weight checksum)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root / "src"), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(root / "examples" / "ddp_sam.py"), "--steps", "5"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    sums = [line.split()[-1] for line in out.stdout.splitlines() if line.startswith("checksum")]
+    assert len(sums) == 2 and sums[0] == sums[1], out.stdout
