@@ -28,7 +28,7 @@ demo: venv
 	$(VENV)/bin/flatminima compare
 
 bench: venv
-	$(VPY) -m benchmarks
+	$(VPY) -m benchmarks --training
 
 # Build artefacts and caches; keeps the virtual environment.
 clean:

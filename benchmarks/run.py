@@ -407,13 +407,15 @@ def run_benchmark(
     progress: Callable[[str], None] | None = _stderr_progress,
     print_report: bool = False,
     sharpness: bool = False,
+    training: bool = False,
 ) -> dict[str, Any]:
     """Run the benchmark and return its results (the structure written by ``--out``).
 
     ``quick``: few repetitions (a smoke run; numbers are not meaningful).
     ``tiny``: tiny models and a tiny memory model (for the test suite).
     ``sharpness``: also time the sharpness measures (``results["sharpness"]``,
-    see :mod:`benchmarks.sharpness`).
+    see :mod:`benchmarks.sharpness`). ``training``: also AMP modes and DDP
+    (``results["training"]``, see :mod:`benchmarks.training`).
     """
     progress = progress or (lambda msg: None)
     dev = torch.device(device)
@@ -488,6 +490,10 @@ def run_benchmark(
         results["sharpness"] = run_sharpness_benchmark(
             quick=quick, tiny=tiny, device=device, threads=threads, progress=progress
         )
+    if training:
+        from .training import run_training_benchmark
+
+        results["training"] = run_training_benchmark(quick=quick, tiny=tiny, threads=threads, progress=progress)
     results["meta"]["load_end"] = _load()
     results["targets"] = _targets(results)
     if out:
@@ -500,6 +506,10 @@ def run_benchmark(
             from .sharpness import render as render_sharpness
 
             print("\n" + render_sharpness(results["sharpness"]), flush=True)
+        if "training" in results:
+            from .training import render as render_training
+
+            print("\n" + render_training(results["training"]), flush=True)
     return results
 
 
@@ -515,10 +525,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="also write the results as JSON to this file")
     p.add_argument("--sharpness", action="store_true",
                    help="also time the sharpness measures (lambda_max, trace); alone: python -m benchmarks.sharpness")
+    p.add_argument("--training", action="store_true",
+                   help="also time AMP modes and 2-process DDP; alone: python -m benchmarks.training")
     a = p.parse_args(argv)
     methods = [m.strip() for m in a.methods.split(",")] if a.methods else None
     run_benchmark(
         quick=a.quick, tiny=a.tiny, device=a.device, threads=a.threads, reps=a.reps, methods=methods,
         memory=not a.no_memory, out=a.out, print_report=True, sharpness=a.sharpness,
+        training=a.training,
     )
     return 0

@@ -85,3 +85,20 @@ def test_json_and_report(results: dict) -> None:
     for name in results["methods"]:
         assert name in text
     assert "PASS" in text or "MISS" in text
+
+
+def test_training_benchmark_structure() -> None:
+    """``python -m benchmarks.training`` (AMP part; DDP's two processes are
+    covered by tests/test_ddp.py): every optimizer x mode is timed and the
+    ratios against fp32 and against SGD are there."""
+    from benchmarks.training import AMP_MODES, render, run_training_benchmark
+
+    res = run_training_benchmark(quick=True, tiny=True, threads=1, progress=None, ddp=False)
+    for w in res["amp"].values():
+        for mode in AMP_MODES:
+            assert _positive_finite(w["sam_vs_sgd"][mode]["median"])
+            for kind in ("sgd", "sam"):
+                assert _positive_finite(w["seconds"][f"{kind}/{mode}"]["median"])
+        assert w["vs_fp32"]["sam/fp32"]["median"] == 1.0
+    text = render(res)
+    assert "fp16+scaler" in text and "SAM x SGD" in text
