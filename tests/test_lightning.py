@@ -6,7 +6,8 @@ backward) and hands it to the optimizer's ``step``: our optimizer calls it for
 the clean pass and again at ``w + eps``. Each test compares a Lightning run
 with a plain loop that calls ``opt.step(closure)`` itself on the same batches
 from the same weights, bit for bit, or pins down what Lightning does where it
-departs from that loop (gradient clipping, fp16 with a GradScaler, logging).
+departs from that loop (gradient clipping, fp16 with a GradScaler, logging,
+manual optimization).
 
 Driven by methods_db: every configuration in PyTorch's closure form (ESAM's
 per-sample form cannot be written as a Lightning training_step).
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import pytest
@@ -83,12 +85,14 @@ class Net(pl.LightningModule):
         dtype: torch.dtype = DTYPE,
         batchnorm: bool = False,
         scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
+        interval: str = "step",
         **options: Any,
     ) -> None:
         super().__init__()
         self.net = mlp(dtype, seed=0, batchnorm=batchnorm)
         self.case, self.data, self.options = case, data, options
         self.scheduler = scheduler if scheduler is not None else case.scheduler
+        self.interval = interval
         self.opt: flatminima.SharpnessAware | None = None
         self.training_step_losses: list[float] = []  # one per training_step call
         self.steps_run: list[int] = []  # global_step at each batch
@@ -107,7 +111,8 @@ class Net(pl.LightningModule):
         self.opt = build_optimizer(self.case, self.net, model=self, **self.options)
         if self.scheduler is None:
             return self.opt
-        return {"optimizer": self.opt, "lr_scheduler": {"scheduler": Schedule(self.scheduler(self.opt)), "interval": "step"}}
+        schedule = {"scheduler": Schedule(self.scheduler(self.opt)), "interval": self.interval}
+        return {"optimizer": self.opt, "lr_scheduler": schedule}
 
     def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
         scheduler.step()
@@ -116,7 +121,9 @@ class Net(pl.LightningModule):
         return torch.utils.data.DataLoader(self.data, batch_size=None, num_workers=0)
 
 
-def fit(module: pl.LightningModule, max_steps: int = STEPS, ckpt_path: str | None = None, **trainer_options: Any) -> pl.Trainer:
+def fit(
+    module: pl.LightningModule, max_steps: int = STEPS, ckpt_path: str | None = None, **trainer_options: Any
+) -> pl.Trainer:
     options = {
         "accelerator": "cpu",
         "devices": 1,
@@ -224,12 +231,15 @@ def step_lr(opt: torch.optim.Optimizer) -> Any:
     return torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
 
 
-def test_lr_scheduler_steps_our_optimizer(recwarn: pytest.WarningsRecorder) -> None:
+@pytest.mark.parametrize("interval", ["step", "epoch"])
+def test_lr_scheduler_steps_our_optimizer(interval: str, recwarn: pytest.WarningsRecorder) -> None:
+    """A scheduler over our optimizer, stepped by Lightning every batch or
+    every epoch (one batch an epoch here, so both give the plain loop's run)."""
     case = PER_METHOD[0]
     data = batches(STEPS, DTYPE, size=16)
-    module = Net(case, data, scheduler=step_lr)
+    module = Net(case, data[:1] if interval == "epoch" else data, scheduler=step_lr, interval=interval)
     trainer = fit(module)
-    net, opt, _, _ = plain_run(case, data, scheduler=step_lr)
+    net, opt, _, _ = plain_run(case, data[:1] * STEPS if interval == "epoch" else data, scheduler=step_lr)
 
     scheduler = trainer.lr_scheduler_configs[0].scheduler.scheduler
     assert scheduler.optimizer is module.opt and scheduler.last_epoch == STEPS
@@ -326,10 +336,11 @@ def test_bf16_mixed_is_autocast(case: Case) -> None:
 
 
 def test_fp16_grad_scaler_is_refused() -> None:
-    """With a GradScaler ("16-mixed" on GPU; forced here on CPU) Lightning runs
-    the closure once itself, then calls ``scaler.step(optimizer)`` without the
-    closure: our step() refuses loudly, before touching the weights, rather
-    than taking a plain base-optimizer step."""
+    """With a GradScaler ("16-mixed" on GPU; forced here on CPU) Lightning's own
+    plugin runs the closure once itself, then calls ``scaler.step(optimizer)``
+    without the closure: our step() refuses loudly, before touching the
+    weights, rather than taking a plain base-optimizer step. (The plugin below
+    makes "16-mixed" work.)"""
     case = PER_METHOD[0]
     data = batches(STEPS, torch.float32, size=16)
     module = Net(case, data, dtype=torch.float32)
@@ -339,6 +350,57 @@ def test_fp16_grad_scaler_is_refused() -> None:
     assert module.opt.step_count == 0
     assert len(module.training_step_losses) == 1  # the clean pass only
     assert all(torch.equal(p, q) for p, q in zip(module.parameters(), before))
+
+
+class SharpnessAwareMixedPrecision(MixedPrecision):
+    """The recipe of docs/lightning.md: "16-mixed" for flatminima optimizers.
+    Lightning's closure already scales the loss (MixedPrecision.pre_backward);
+    hand it to ``step`` with the scaler, which unscales each pass, skips the
+    step on inf/NaN and calls ``scaler.update()``."""
+
+    def optimizer_step(self, optimizer: Any, model: Any, closure: Callable[[], Any], **kwargs: Any) -> Any:
+        if self.scaler is None or not isinstance(optimizer, flatminima.SharpnessAware):
+            return super().optimizer_step(optimizer, model=model, closure=closure, **kwargs)
+        if model.trainer.gradient_clip_val:
+            raise ValueError("gradient_clip_val would clip scaled gradients: use the optimizer's max_grad_norm=")
+        closure = partial(self._wrap_closure, model, optimizer, closure)  # Lightning's hooks after each pass
+        return optimizer.step(closure=closure, scaler=self.scaler, **kwargs)
+
+
+def fp16_scaler() -> torch.amp.GradScaler:
+    """A scale that overflows the fp16 backward at first, then backs off."""
+    return torch.amp.GradScaler("cpu", init_scale=2.0**20, growth_interval=2)
+
+
+@pytest.mark.filterwarnings("ignore:.*non-finite gradient:RuntimeWarning")
+@pytest.mark.parametrize("case", PER_METHOD, ids=lambda c: c.id)
+def test_fp16_with_a_precision_plugin(case: Case) -> None:
+    """With the plugin above, "16-mixed" is the plain loop's
+    ``opt.step(closure, scaler=scaler)`` under fp16 autocast, bit for bit,
+    overflow skips and the scale's backoff and growth included."""
+    data = batches(STEPS, torch.float32, size=16)
+    module = Net(case, data, dtype=torch.float32, batchnorm=True)
+    trainer = fit(module, plugins=[SharpnessAwareMixedPrecision("16-mixed", "cpu", scaler=fp16_scaler())])
+
+    net = mlp(torch.float32, seed=0, batchnorm=True)
+    opt = build_optimizer(case, net, model=net)
+    scaler = fp16_scaler()
+    for i, (x, y) in enumerate(data):
+
+        def closure(x: torch.Tensor = x, y: torch.Tensor = y) -> torch.Tensor:
+            opt.zero_grad()
+            with torch.autocast("cpu", dtype=torch.half, cache_enabled=False):
+                loss = nn.functional.cross_entropy(net(x), y)
+            scaler.scale(loss).backward()
+            return loss
+
+        torch.manual_seed(i)
+        opt.step(closure, scaler=scaler)
+
+    assert module.opt.counters == opt.counters
+    assert 0 < opt.skipped_steps < STEPS
+    assert trainer.precision_plugin.scaler.get_scale() == scaler.get_scale()
+    assert same_tensors(module.net, net)
 
 
 class LoggingNet(Net):
