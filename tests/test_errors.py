@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 import flatminima
+import helpers
 from helpers import batches, make_closure, mlp, one_case_per_method, params_of
-from methods_db import BAD_ARGS, CASES
+from methods_db import BAD_ARGS, CASES, DEFAULT_CASES
 
 PER_METHOD = one_case_per_method(CASES)
 
@@ -451,3 +452,39 @@ def test_params_single_tensor():
     for case in PER_METHOD:
         with pytest.raises(TypeError, match="single Tensor"):
             opt_for(case, torch.zeros(3, requires_grad=True))
+
+
+@pytest.mark.parametrize("case", DEFAULT_CASES, ids=lambda c: c.id)
+def test_perturbed_pass_without_backward_is_refused(case) -> None:
+    """A closure that returns the loss without a backward at w + eps (or an
+    explicit first_step(zero_grad=True) / second_step() with no backward in
+    between) would descend along eps: refused, with w restored exactly."""
+    if case.closure != "loss":
+        pytest.skip("the per-sample form's backward is the optimizer's own")
+    model = helpers.mlp()
+    opt = flatminima.create(case.method, model.parameters(), torch.optim.SGD, lr=0.1, **case.kwargs)
+    x, y = helpers.batches(1)[0]
+    calls = []
+
+    def closure():
+        calls.append(1)
+        if len(calls) == 1:
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+        return torch.nn.functional.cross_entropy(model(x), y)  # forgot the backward
+
+    w0 = helpers.params_of(model)
+    with pytest.raises(ValueError, match="the perturbed pass left no gradient"):
+        opt.step(closure)
+    if len(calls) == 1:
+        pytest.skip(f"{case.id}: no perturbed pass at the first step")
+    helpers.assert_tree_equal(helpers.params_of(model), w0)
+    assert opt.step_count == 0
+
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    assert opt.first_step(zero_grad=True)
+    with pytest.raises(ValueError, match="the perturbed pass left no gradient"):
+        opt.second_step()
+    helpers.assert_tree_equal(helpers.params_of(model), w0)

@@ -466,6 +466,12 @@ class SharpnessAware(Optimizer):
         check it; False (the step counted as skipped) when it is non-finite."""
         self._restore(ctx)
         self._refresh(ctx)
+        if not any(v.params for v in ctx.groups):
+            raise ValueError(
+                f"{type(self).__name__}: the perturbed pass left no gradient in .grad; it must run the "
+                "forward and backward at w + eps (a closure that only returns the loss, or an "
+                "optimizer.step() after a single manual backward, would descend along eps)"
+            )
         if ctx.scaler is not None:
             P.unscale_pass(ctx.scaler, [p for v in ctx.groups for p in v.params], ctx.scaler_views)
         ctx.perturbed_sq = [T.sum_of_squares(v.grads, ctx.foreach) for v in ctx.groups]
@@ -588,7 +594,7 @@ class SharpnessAware(Optimizer):
         try:
             with self._local_pass():
                 loss = self._run_closure(closure, "clean")
-            if self.first_step(scaler=scaler):
+            if self.first_step(zero_grad=True, scaler=scaler):  # .grad held eps: a pass without backward is caught
                 try:
                     with self.perturbed_pass():
                         self._run_closure(closure, "perturbed")
@@ -675,6 +681,7 @@ class SharpnessAware(Optimizer):
                     sums.extra = ctx.extra  # the decision's own notes (committed after the step)
                 if perturb:
                     self._perturb(ctx)
+                    self.zero_grad()
             if perturb:
                 try:
                     with local(), self.perturbed_pass():
