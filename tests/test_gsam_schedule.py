@@ -57,6 +57,7 @@ def test_initial_lr_is_the_default_lr_max():
     for _ in range(2):
         p.grad = torch.ones_like(p)
         opt.first_step()
+        p.grad = torch.ones_like(p)  # the perturbed pass's gradient
         opt.second_step()
         sched.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(0.1)

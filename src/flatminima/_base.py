@@ -63,7 +63,8 @@ class GroupView:
     params: list[Tensor]
     grads: list[Tensor]
     clean: list[Tensor] | None = None  # copy of g, for methods that keep it
-    saved: list[Tensor] | None = None  # w before the perturbation
+    saved: list[Tensor] | None = None  # w before the perturbation (a copy, or w's own storage)
+    swapped: bool = False  # the params point at w + eps in their gradients' buffers
 
 
 @dataclass
@@ -392,12 +393,28 @@ class SharpnessAware(Optimizer):
         ctx.grad_sq = [T.sum_of_squares(v.grads, ctx.foreach) for v in ctx.groups]
 
     def _perturb(self, ctx: StepContext) -> None:
-        """The ascent: ``.grad`` becomes ``eps`` in place and ``w <- w + eps``."""
+        """The ascent and ``w <- w + eps``.
+
+        Fast path (foreach, plain dense tensors): ``w + eps`` is computed in
+        the gradient's own buffer, which the parameter then points at
+        (``p.data``) for the perturbed pass; coming back points it at its
+        own storage again. No buffer is allocated and ``w`` is neither
+        copied nor written: one parameter-sized pass less than copying, two
+        fewer than copy-and-restore. Otherwise (the per-tensor reference
+        path, or tensors that may not be re-pointed) ``w`` is copied into a
+        scratch buffer, ``eps`` added in place, and the copy put back after.
+        """
         groups, fe = ctx.groups, ctx.foreach
         if self.keeps_clean_grad:
             for v in groups:
                 v.clean = T.clone(v.grads, fe)
-        scratch = [[torch.empty_like(p, memory_format=torch.preserve_format) for p in v.params] for v in groups]
+        swap = fe and _can_swap(groups)
+        scratch = [
+            [torch.empty_like(p, memory_format=torch.preserve_format) for p in v.params]
+            if not swap or self._needs_scratch(v)
+            else []
+            for v in groups
+        ]
         ascent_sq = []
         for v, s, g_sq in zip(groups, scratch, ctx.grad_sq):
             changed = self._ascent_vector(ctx, v, s)
@@ -406,14 +423,29 @@ class SharpnessAware(Optimizer):
         for v, s in zip(groups, scratch):
             self._ascent_finish(ctx, v, s)
             T.mul_(v.grads, self._radius(ctx, v) / (norm + v.group["norm_eps"]), fe)
-            T.copy_(s, v.params, fe)
-            T.add_(v.params, v.grads, fe)
-            v.saved = s
+            if swap:
+                T.add_(v.grads, v.params, fe)  # w + eps, in the gradient's buffer
+                v.saved = [p.data for p in v.params]
+                for p, buf in zip(v.params, v.grads):
+                    p.grad = None  # a zero_grad(set_to_none=False) must not zero the weights
+                    p.data = buf
+                v.swapped = True
+            else:
+                T.copy_(s, v.params, fe)
+                T.add_(v.params, v.grads, fe)
+                v.saved = s
             # eps now lives in w: drop our references so that the closure's
             # zero_grad() frees these buffers before the perturbed backward
             # allocates new ones (else the step peaks at two extra copies).
             v.grads = []
         ctx.perturbed = True
+
+    def _needs_scratch(self, view: GroupView) -> bool:
+        """Whether ``_ascent_vector``/``_ascent_finish`` use the scratch buffer
+        in this group (the ASAM operator keeps ``T_w`` there; ``adaptive``
+        means it in every method). On the fast path the buffer is allocated
+        only then."""
+        return bool(view.group.get("adaptive", False))
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
@@ -769,9 +801,15 @@ class SharpnessAware(Optimizer):
 
     def _restore(self, ctx: StepContext) -> None:
         for v in ctx.groups:
-            if v.saved is not None:
+            if v.saved is None:
+                continue
+            if v.swapped:
+                for p, own in zip(v.params, v.saved):
+                    p.data = own  # its own storage, untouched since the clean pass
+                v.swapped = False
+            else:
                 T.copy_(v.params, v.saved, ctx.foreach)
-                v.saved = None  # free the copy now
+            v.saved = None  # free the copy (or the w + eps buffer) now
 
     @staticmethod
     def _grads_replaced(ctx: StepContext) -> bool:
@@ -890,6 +928,26 @@ class SharpnessAware(Optimizer):
         self.param_groups = self.base_optimizer.param_groups  # loading replaced both lists: share again
         self.counters = dict(meta["counters"])
         self.method_state = _copy_state(meta["method_state"])
+
+
+def _can_swap(groups: list[GroupView]) -> bool:
+    """Whether every parameter may point at its gradient's buffer during the
+    perturbed pass: plain tensors, neither of them a view (a DDP bucket view
+    as ``.grad``, a parameter that is a view of another tensor), the same
+    dtype, shape and strides."""
+    for v in groups:
+        for p, g in zip(v.params, v.grads):
+            if (
+                type(g) is not Tensor
+                or g._is_view()
+                or p._is_view()
+                or g.dtype != p.dtype
+                or g.shape != p.shape
+                or g.stride() != p.stride()
+                or g.device != p.device
+            ):
+                return False
+    return True
 
 
 def _mean(losses: list[Any]) -> Any:

@@ -80,6 +80,9 @@ class FisherSAM(SharpnessAware):
             params, base_optimizer, defaults, model=model, max_grad_norm=max_grad_norm, foreach=foreach, **base_kwargs
         )
 
+    def _needs_scratch(self, view: GroupView) -> bool:
+        return True  # 1 + eta g^2
+
     def _ascent_vector(self, ctx: StepContext, view: GroupView, scratch: list[Tensor]) -> bool:
         if view.group["eta"] == 0.0:  # f = 1: SAM
             return False
