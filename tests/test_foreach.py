@@ -382,6 +382,23 @@ def test_clone_and_centralize_on_mixed_dtypes(specs: list[Any], seed: int) -> No
             assert torch.equal(x, y), "tensors with < 2 dims are left alone"
 
 
+@SETTINGS
+@given(specs=tensor_lists(), seed=st.integers(0, 2**16))
+def test_add_into_rounds_as_add(specs: list[Any], seed: int) -> None:
+    """``add_into_(bufs, base, c)`` (the fast path's ``w + c g`` in the
+    gradient's buffer) gives the bits of ``base.add_(bufs, alpha=c)`` on
+    either path (the copy path and the per-tensor reference)."""
+    a, b = make(specs, seed), make(specs, seed + 1)
+    for alpha in (1.0, -0.37, 3e-3):
+        into = copies(b)
+        T.add_into_(into, a, alpha)
+        for fe in (True, False):
+            ref = copies(a)
+            T.add_(ref, b, fe, alpha=alpha)
+            assert_lists_equal(into, ref, f"add_into_ vs add_(foreach={fe}), alpha={alpha}")
+    assert_lists_equal(a, make(specs, seed), "base")
+
+
 def test_kernels_on_empty_lists() -> None:
     for fe in (True, False):
         assert float(T.sum_of_squares([], fe)) == 0.0
@@ -396,7 +413,7 @@ def test_kernels_on_empty_lists() -> None:
         assert T.clone([], fe) == []
 
 
-COVERED = {"sum_of_squares", "dot", "dots", "clone", "centralize_"} | {
+COVERED = {"sum_of_squares", "dot", "dots", "clone", "centralize_", "add_into_"} | {
     name.split("-")[0] for name in in_place_kernels([], [], [])
 }
 
