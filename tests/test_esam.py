@@ -336,3 +336,23 @@ def test_running_stats_from_the_clean_pass_only():
     opt.step(per_sample_closure(model, x, y)[0])
     for (k, v), r in zip(model.named_buffers(), ref.buffers()):
         assert torch.equal(v, r), k
+
+
+@pytest.mark.parametrize("kind", ["loss", "per_sample"])
+def test_skip_inactive_grads_false_computes_every_gradient_same_step(kind):
+    """``skip_inactive_grads=False`` (for torch.compile): no requires_grad
+    switching, every clean gradient computed, the inactive ones ignored:
+    the step of the default to rounding, and the masks unchanged."""
+    runs = []
+    for skip in (True, False):
+        model = mlp(DTYPE, seed=0)
+        opt = esam(model.parameters(), seed=ESAM_SEED, gamma=1.0 if kind == "loss" else 0.5, skip_inactive_grads=skip)
+        for x, y in batches(3, DTYPE, size=16):
+            mask = opt.tensor_mask()
+            spy = Spy(opt, model, x, y, kind)
+            opt.step(spy)
+            assert spy.flags[0] == (mask if skip else [True] * len(mask))
+        runs.append(params_of(model))
+    torch.testing.assert_close(runs[0], runs[1], rtol=1e-12, atol=1e-14)
+    with pytest.raises(TypeError, match="skip_inactive_grads must be a bool"):
+        esam(mlp(DTYPE).parameters(), skip_inactive_grads=1)

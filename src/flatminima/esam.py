@@ -134,6 +134,13 @@ class ESAM(SharpnessAware):
         seed: seed of the tensor masks (default None: ``torch.initial_seed()``,
             so ``torch.manual_seed`` makes runs reproducible). Saved in the
             state dict: a loaded state dict's seed replaces this one.
+        skip_inactive_grads: in the clean pass, switch ``requires_grad`` off
+            on the tensors this step does not perturb, so that their weight
+            gradients are not computed (default True: the paper's backward
+            saving). False computes and ignores them (the same step): use
+            it with ``torch.compile``, which compiles the model again for
+            every new mask pattern. Under DDP (``model=`` the DDP module)
+            the gradients are always computed.
         norm_eps: denominator offset ``eps0`` (default 1e-12).
         max_grad_norm: clip the direction handed to the base optimizer to
             this global norm (default None).
@@ -201,6 +208,7 @@ class ESAM(SharpnessAware):
         beta: float = 0.5,
         gamma: float = 0.5,
         seed: int | None = None,
+        skip_inactive_grads: bool = True,
         norm_eps: float = 1e-12,
         max_grad_norm: float | None = None,
         foreach: bool | None = None,
@@ -208,6 +216,7 @@ class ESAM(SharpnessAware):
         **base_kwargs: Any,
     ) -> None:
         self.gamma = V.in_range("gamma", gamma, 0.0, 1.0, low_open=True)
+        self.skip_inactive_grads = V.flag("skip_inactive_grads", skip_inactive_grads)
         seed = torch.initial_seed() if seed is None else _seed(seed)
         defaults = dict(rho=rho, beta=beta, norm_eps=norm_eps)
         super().__init__(
@@ -232,7 +241,7 @@ class ESAM(SharpnessAware):
 
     def _masked_for_clean_pass(self) -> list[Tensor]:
         mask = self.tensor_mask()
-        if mask is None or P.ddp_module(self.model) is not None:
+        if mask is None or not self.skip_inactive_grads or P.ddp_module(self.model) is not None:
             # DDP hooks each parameter's gradient accumulator once; toggling
             # requires_grad replaces it, and DDP then waits forever for that
             # gradient. Under DDP the masked tensors' clean gradients are
