@@ -19,11 +19,21 @@ Variants override only those hooks. The base class owns the loop, the saved
 weights, the non-finite checks, clipping, the shared parameter groups and
 the state dict.
 
-Memory: the gradient buffers are reused for ``eps`` and the one scratch list
-the step allocates doubles as the saved weights, so a plain step holds one
-extra copy of the parameters at its peak and none between steps. A method
-whose ``_combine`` needs the clean gradient sets ``keeps_clean_grad`` and
-pays one more copy during the step (it says so in its docstring).
+Memory: on the fast path ``w + eps`` is built in the clean gradient's
+buffer and the parameters point at it during the perturbed pass (their own
+storage, untouched, is ``w`` again afterwards); on the reference path ``w``
+is copied into a scratch buffer and ``eps`` added in place. Either way a
+plain step holds one extra copy of the parameters at its peak (the
+perturbed backward's gradients next to ``w`` and ``w + eps``) and none
+between steps. A method whose ``_combine`` needs the clean gradient sets
+``keeps_clean_grad`` and pays one more copy during the step (it says so in
+its docstring).
+
+Around the passes: a GradScaler (``scaler=``) is unscaled per pass and
+updated once per step; under DDP (``model=`` the DDP module) the clean pass
+is local to each replica and what a method computed from it is averaged
+over the replicas; ``chunks=`` runs the same per-shard protocol over chunks
+of one batch (m-sharpness). See docs/training.md.
 
 ``step(closure)`` runs each pass through ``_run_closure``; a method whose
 closure has another form (ESAM's per-sample losses) overrides that one hook.

@@ -52,16 +52,25 @@ class SAM(SharpnessAware):
             this global norm (default None: no clipping).
         foreach: multi-tensor kernels (None: on where supported).
         model: the module, so that ``step(closure)`` keeps BatchNorm running
-            statistics from the perturbed pass.
+            statistics from the perturbed pass. Under DDP give the
+            ``DistributedDataParallel`` module: each replica then perturbs
+            with its own gradient (the clean pass runs under ``no_sync``);
+            ``sync_perturbations=True`` (accepted by every method) averages
+            the clean gradient too, for one global ``eps``
+            (docs/training.md).
         **base_kwargs: the base optimizer's arguments (``lr``, ``momentum``...).
+
+    ``step(closure, scaler=..., chunks=...)`` takes a GradScaler for fp16
+    and gives m-sharpness on one device (:meth:`SharpnessAware.step`).
 
     Weight decay is not part of ``eps``: the base optimizer applies it, as
     PyTorch optimizers do (official SAM puts an L2 term in the loss; add one
     to your loss for that behaviour).
 
-    Memory: one copy of the parameters during the step (the saved ``w``;
-    ``eps`` and ASAM's ``T_w`` reuse the gradient and scratch buffers), none
-    between steps.
+    Memory: one copy of the parameters during the step (``w + eps`` is
+    built in the clean gradient's buffer, which the parameters point at
+    during the perturbed pass; ASAM's ``T_w`` takes a scratch buffer before
+    that), none between steps.
 
     Example::
 
