@@ -52,30 +52,14 @@ import argparse
 import logging
 import time
 import warnings
-from functools import partial
 
 import torch
 from torch import nn
 
 import lightning.pytorch as pl
-from lightning.pytorch.plugins.precision import MixedPrecision
 
 import flatminima
-
-
-class SharpnessAwareMixedPrecision(MixedPrecision):
-    """fp16 mixed precision for flatminima optimizers. Lightning's closure
-    already scales the loss (MixedPrecision.pre_backward); give the closure
-    and the GradScaler to ``step``, which unscales each pass, skips the step
-    on inf/NaN and calls ``scaler.update()`` once."""
-
-    def optimizer_step(self, optimizer, model, closure, **kwargs):
-        if self.scaler is None or not isinstance(optimizer, flatminima.SharpnessAware):
-            return super().optimizer_step(optimizer, model=model, closure=closure, **kwargs)
-        if model.trainer.gradient_clip_val:
-            raise ValueError("gradient_clip_val would clip scaled gradients: use the optimizer's max_grad_norm=")
-        closure = partial(self._wrap_closure, model, optimizer, closure)  # Lightning's hooks after each pass
-        return optimizer.step(closure=closure, scaler=self.scaler, **kwargs)
+from flatminima.lightning import SharpnessAwareMixedPrecision  # fp16 ("16-mixed") for flatminima
 
 
 def make_data(n: int, seed: int) -> torch.utils.data.TensorDataset:

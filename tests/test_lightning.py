@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from functools import partial
 from typing import Any
 
 import pytest
@@ -31,6 +30,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.plugins.precision import MixedPrecision  # noqa: E402
 
 import flatminima  # noqa: E402
+from flatminima.lightning import SharpnessAwareMixedPrecision  # noqa: E402
 from helpers import assert_tree_equal, batches, mlp, one_case_per_method, two_groups  # noqa: E402
 from methods_db import CASES, Case  # noqa: E402
 
@@ -345,26 +345,11 @@ def test_fp16_grad_scaler_is_refused() -> None:
     data = batches(STEPS, torch.float32, size=16)
     module = Net(case, data, dtype=torch.float32)
     before = [p.detach().clone() for p in module.parameters()]
-    with pytest.raises(ValueError, match="needs a closure"):
+    with pytest.raises(ValueError, match="SharpnessAwareMixedPrecision"):
         fit(module, plugins=[MixedPrecision("16-mixed", "cpu")])
     assert module.opt.step_count == 0
     assert len(module.training_step_losses) == 1  # the clean pass only
     assert all(torch.equal(p, q) for p, q in zip(module.parameters(), before))
-
-
-class SharpnessAwareMixedPrecision(MixedPrecision):
-    """The recipe of docs/lightning.md: "16-mixed" for flatminima optimizers.
-    Lightning's closure already scales the loss (MixedPrecision.pre_backward);
-    hand it to ``step`` with the scaler, which unscales each pass, skips the
-    step on inf/NaN and calls ``scaler.update()``."""
-
-    def optimizer_step(self, optimizer: Any, model: Any, closure: Callable[[], Any], **kwargs: Any) -> Any:
-        if self.scaler is None or not isinstance(optimizer, flatminima.SharpnessAware):
-            return super().optimizer_step(optimizer, model=model, closure=closure, **kwargs)
-        if model.trainer.gradient_clip_val:
-            raise ValueError("gradient_clip_val would clip scaled gradients: use the optimizer's max_grad_norm=")
-        closure = partial(self._wrap_closure, model, optimizer, closure)  # Lightning's hooks after each pass
-        return optimizer.step(closure=closure, scaler=self.scaler, **kwargs)
 
 
 def fp16_scaler() -> torch.amp.GradScaler:

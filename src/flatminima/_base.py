@@ -631,7 +631,9 @@ class SharpnessAware(Optimizer):
         if closure is None:
             raise ValueError(
                 f"{type(self).__name__}.step() needs a closure that zeroes the gradients, runs forward "
-                "and backward and returns the loss; without one use first_step()/second_step()"
+                "and backward and returns the loss; without one use first_step()/second_step(). "
+                "(Lightning's precision='16-mixed' calls step() without its closure: use "
+                "plugins=[flatminima.lightning.SharpnessAwareMixedPrecision('16-mixed', device)])"
             )
         if not callable(closure):
             raise TypeError(f"closure must be callable, got {type(closure).__name__}")
