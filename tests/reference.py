@@ -71,17 +71,7 @@ class Reference:
         g = [[p.grad.detach().clone() for p in ps] for ps in params]
         gp = None
         if self.needs_second_pass(w, g):
-            eps = self.perturbation(w, g)
-            with torch.no_grad():
-                for ps, es in zip(params, eps):
-                    for p, e in zip(ps, es):
-                        p.copy_(p + e)
-            closure()
-            gp = [[p.grad.detach().clone() for p in ps] for ps in params]
-            with torch.no_grad():
-                for ps, ws in zip(params, w):
-                    for p, w0 in zip(ps, ws):
-                        p.copy_(w0)
+            gp = _gradient_at(params, w, self.perturbation(w, g), closure)
             d = self.direction(w, g, gp)
         else:
             d = self.direction_single(w, g)
@@ -119,19 +109,7 @@ class Reference:
         g = _mean_nested(gs)
         gp = None
         if self.needs_second_pass(w, g):
-            gps = []
-            for closure, g_s in zip(closures, gs):
-                eps = self.perturbation(w, g_s)
-                with torch.no_grad():
-                    for ps, es in zip(params, eps):
-                        for p, e in zip(ps, es):
-                            p.copy_(p + e)
-                closure()
-                gps.append([[p.grad.detach().clone() for p in ps] for ps in params])
-                with torch.no_grad():
-                    for ps, ws in zip(params, w):
-                        for p, w0 in zip(ps, ws):
-                            p.copy_(w0)
+            gps = [_gradient_at(params, w, self.perturbation(w, g_s), c) for c, g_s in zip(closures, gs)]
             self.perturbation(w, g)  # the state it records: that of the mean gradient
             gp = _mean_nested(gps)
             d = self.direction(w, g, gp)
@@ -139,6 +117,21 @@ class Reference:
             d = self.direction_single(w, g)
         self._descend(params, g, gp, d)
         return sum(losses) / n
+
+
+def _gradient_at(params: Nested, w: Nested, eps: Nested, closure: Callable[[], Tensor]) -> Nested:
+    """The perturbed pass: w + eps, the closure's gradient there, w restored by copy."""
+    with torch.no_grad():
+        for ps, es in zip(params, eps):
+            for p, e in zip(ps, es):
+                p.copy_(p + e)
+    closure()
+    gp = [[p.grad.detach().clone() for p in ps] for ps in params]
+    with torch.no_grad():
+        for ps, ws in zip(params, w):
+            for p, w0 in zip(ps, ws):
+                p.copy_(w0)
+    return gp
 
 
 def _mean_nested(values: list[Nested]) -> Nested:
