@@ -81,3 +81,28 @@ def test_zero_grad_without_set_to_none_keeps_the_perturbed_weights() -> None:
     assert all(p.grad is None for p in model.parameters())
     nn.functional.cross_entropy(model(x), y).backward()
     opt.second_step()
+
+
+def test_parameters_sharing_one_buffer_take_the_copy_path() -> None:
+    """Parameters whose ``.data`` are slices of one buffer without being
+    views (as ``nn.LSTM.flatten_parameters()`` makes them on CUDA) keep
+    their storage during the perturbed pass: the buffer stays whole."""
+    model = helpers.mlp()
+    params = list(model.parameters())
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    offset = 0
+    for p in params:
+        p.data = flat[offset : offset + p.numel()].view_as(p)
+        offset += p.numel()
+    model2 = helpers.mlp()
+    opt = flatminima.SAM(model.parameters(), torch.optim.SGD, lr=0.1, foreach=True)
+    opt2 = flatminima.SAM(model2.parameters(), torch.optim.SGD, lr=0.1, foreach=True)
+    for x, y in helpers.batches(2):
+        nn.functional.cross_entropy(model(x), y).backward()
+        assert opt.first_step(zero_grad=True)
+        assert all(p.untyped_storage().data_ptr() == flat.data_ptr() for p in model.parameters())
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.second_step(zero_grad=True)
+        helpers.explicit_step(opt2, model2, x, y)
+    helpers.assert_tree_equal(helpers.params_of(model), helpers.params_of(model2))
+    torch.testing.assert_close(flat, torch.cat([p.detach().reshape(-1) for p in model.parameters()]), rtol=0, atol=0)

@@ -952,15 +952,21 @@ class SharpnessAware(Optimizer):
 
 def _can_swap(groups: list[GroupView]) -> bool:
     """Whether every parameter may point at its gradient's buffer during the
-    perturbed pass: a plain gradient tensor, neither of them a view (a DDP
-    bucket view as ``.grad``, a parameter that is a view of another
-    tensor), the same strides. (``.grad`` has the parameter's dtype, shape
-    and device: autograd's setter enforces it.)"""
+    perturbed pass: a plain gradient tensor, each of the two the sole owner
+    of its storage (not a view: a DDP bucket view as ``.grad``; not part of
+    a larger buffer: RNN weights flattened by ``flatten_parameters()``,
+    whose ``.data`` is a slice without being a view), the same strides.
+    (``.grad`` has the parameter's dtype, shape and device: autograd's
+    setter enforces it.)"""
     for v in groups:
         for p, g in zip(v.params, v.grads):
-            if type(g) is not Tensor or g._is_view() or p._is_view() or g.stride() != p.stride():
+            if type(g) is not Tensor or g.stride() != p.stride() or not (_sole_owner(p) and _sole_owner(g)):
                 return False
     return True
+
+
+def _sole_owner(t: Tensor) -> bool:
+    return not t._is_view() and t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size()
 
 
 def _mean(losses: list[Any]) -> Any:
