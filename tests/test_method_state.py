@@ -73,3 +73,40 @@ def test_method_state_is_needed_to_resume(case):
     assert not o_c.state
     train(m_c, o_c, data[N:])
     assert not all(torch.equal(p, q) for p, q in zip(m_ref.parameters(), m_c.parameters()))
+
+
+def _other(value: Any) -> Any:
+    """A different value of the same kind (what another constructor call might have given)."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int):
+        return value + 1
+    if isinstance(value, float):
+        return value / 2
+    if value is None:
+        return 1.0
+    raise AssertionError(f"no other value for {value!r}")
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_method_options_are_saved_and_restored(case):
+    """Method-wide options (LookSAM's k, ESAM's gamma, clipping...) travel in
+    the state dict and come back on load, as param-group hyperparameters do:
+    an optimizer built with other values resumes the saved run's algorithm."""
+    model, opt = build(case)
+    names = type(opt).method_options
+    assert {"max_grad_norm", "sync_perturbations"} <= set(names)
+    for name in names:
+        assert hasattr(opt, name), f"{case.id}: method option {name!r} is not an attribute"
+    saved = roundtrip(opt.state_dict())
+    assert saved["flatminima"]["options"] == {name: getattr(opt, name) for name in names}
+    _, other = build(case)
+    for name in names:
+        setattr(other, name, _other(getattr(other, name)))
+    other.load_state_dict(saved)
+    assert {name: getattr(other, name) for name in names} == {name: getattr(opt, name) for name in names}
+    # a state dict without options (an earlier version's) leaves them alone
+    del saved["flatminima"]["options"]
+    setattr(other, names[0], _other(getattr(opt, names[0])))
+    other.load_state_dict(saved)
+    assert getattr(other, names[0]) == _other(getattr(opt, names[0]))

@@ -128,6 +128,10 @@ class SharpnessAware(Optimizer):
     #: whether ``_perturb_this_step`` reads the gradient (then, with per-shard
     #: eps, it decides from the shards' mean gradient)
     decides_from_gradient: ClassVar[bool] = False
+    #: method-wide options (attributes set by the constructor, beyond the
+    #: param groups): saved by ``state_dict`` and restored by
+    #: ``load_state_dict``, as param-group hyperparameters are
+    method_options: ClassVar[tuple[str, ...]] = ("max_grad_norm", "sync_perturbations")
     #: keys of ``ctx.extra`` holding ``{param: Tensor}`` computed from a
     #: shard's own gradient and committed in ``_post_step``: averaged over
     #: the shards (replicas, chunks) before ``_combine``, as the gradient is
@@ -903,7 +907,9 @@ class SharpnessAware(Optimizer):
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume bit-for-bit: the base optimizer's state,
-        this method's per-parameter and method-level state and the counters.
+        this method's per-parameter and method-level state, its method-wide
+        options (:attr:`method_options`, restored on load as param-group
+        hyperparameters are) and the counters.
         Readable with ``torch.load(..., weights_only=True)``."""
         if self._phase is not None:
             raise ValueError("state_dict() called between first_step() and second_step(); save between steps")
@@ -918,6 +924,7 @@ class SharpnessAware(Optimizer):
                 "shapes": [list(p.shape) for p in self._all_params()],
                 "counters": dict(self.counters),
                 "method_state": _copy_state(self.method_state),
+                "options": {name: getattr(self, name) for name in self.method_options},
             },
         }
 
@@ -948,6 +955,9 @@ class SharpnessAware(Optimizer):
         self.param_groups = self.base_optimizer.param_groups  # loading replaced both lists: share again
         self.counters = dict(meta["counters"])
         self.method_state = _copy_state(meta["method_state"])
+        for name, value in meta.get("options", {}).items():  # absent in state dicts of earlier versions
+            if name in self.method_options:
+                setattr(self, name, value)
 
 
 def _can_swap(groups: list[GroupView]) -> bool:

@@ -105,6 +105,7 @@ class AESAM(SAM):
     """
 
     decides_from_gradient = True  # ||g||^2 against its running statistics
+    method_options = SAM.method_options + ("sam_fraction", "decay", "gain")
 
     def __init__(
         self,

@@ -193,6 +193,7 @@ class ESAM(SharpnessAware):
     restored. Denominator offset 1e-12 (library-wide; official 1e-7).
     """
 
+    method_options = SharpnessAware.method_options + ("gamma", "skip_inactive_grads")
     group_checks = {
         "rho": V.non_negative,
         "beta": partial(V.in_range, low=0.0, high=1.0, low_open=True),

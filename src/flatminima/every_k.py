@@ -67,6 +67,8 @@ class SAMEveryK(SAM):
     Departures: none; the SAM steps are those of :class:`flatminima.SAM`.
     """
 
+    method_options = SAM.method_options + ("k",)
+
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],

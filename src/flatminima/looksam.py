@@ -129,6 +129,7 @@ class LookSAM(SharpnessAware):
     """
 
     keeps_clean_grad = True
+    method_options = SharpnessAware.method_options + ("k", "layerwise")
     group_checks = {
         "rho": V.non_negative,
         "alpha": V.non_negative,
