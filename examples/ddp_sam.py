@@ -61,7 +61,7 @@ def main() -> None:
 
     # Weights only: BatchNorm's running statistics are each rank's own until
     # DDP broadcasts rank 0's at the next forward (broadcast_buffers=True).
-    checksum = sum(float(p.double().sum()) for p in model.parameters())
+    checksum = sum(float(p.detach().double().sum()) for p in model.parameters())
     print(f"checksum rank {rank} {checksum!r}", flush=True)
     dist.destroy_process_group()
 
