@@ -312,3 +312,43 @@ def test_summary_columns_hook() -> None:
     from flatminima.experiments import report
 
     report.COLUMNS[:] = [c for c in report.COLUMNS if c.key != "my_measure"]
+
+
+# --------------------------------------------------------------------------- m-sharpness and AMP
+def test_m_sharpness_gives_each_chunk_its_own_eps(data_dir: str) -> None:
+    """--m-sharpness M: the library's ``step(closure, chunks=...)`` on chunks of
+    M samples. M >= the batch is one chunk (the plain run, bit for bit); a
+    smaller M is another run with the same cost in passes; every method runs."""
+    cfg = tiny(data_dir, epochs=1)
+    plain = train_run(cfg, "sam", 0)
+    same_numbers(plain, train_run(cfg.replace(m_sharpness=32), "sam", 0))
+    chunked = train_run(cfg.replace(m_sharpness=8), "sam", 0)
+    assert chunked.final["train_loss"] != plain.final["train_loss"]
+    assert chunked.final["passes_per_step"] == pytest.approx(2.0)
+    small = tiny(data_dir, epochs=1, num_samples=100, m_sharpness=8)
+    for name in flatminima.list_methods():
+        run = train_run(small, name, 0)
+        assert run.completed and math.isfinite(run.final["test_loss"]) and 1.0 <= run.final["passes_per_step"] <= 4.0, name
+    assert train_run(small, "sgd", 0).final["passes_per_step"] == 1.0  # a plain baseline takes one step per batch
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_amp_trains_and_resumes_bit_exact(tmp_path: Path, data_dir: str, amp: str) -> None:
+    """--amp: autocast (and a GradScaler for fp16, saved in the checkpoint):
+    a resumed run is the uninterrupted run; the numbers differ from fp32."""
+    cfg = tiny(data_dir, epochs=2, amp=amp)
+    full = train_run(cfg, "sam", 0)
+    assert full.completed and math.isfinite(full.final["test_loss"])
+    assert full.final["train_loss"] != train_run(cfg.replace(amp="off"), "sam", 0).final["train_loss"]
+    ckpt = tmp_path / "run.pt"
+    train_run(cfg, "sam", 0, checkpoint=ckpt, stop_after=1)
+    same_numbers(full, train_run(cfg, "sam", 0, checkpoint=ckpt, resume=True))
+    plain = train_run(cfg, "sgd", 0)  # the plain baseline under the same precision
+    assert plain.completed and math.isfinite(plain.final["test_loss"])
+
+
+def test_m_sharpness_and_amp_errors(data_dir: str) -> None:
+    with pytest.raises(ConfigError, match="--m-sharpness must be >= 1, got 0"):
+        tiny(data_dir, m_sharpness=0)
+    with pytest.raises(ConfigError, match="--amp must be off, bf16 or fp16, got 'fp8'"):
+        tiny(data_dir, amp="fp8")

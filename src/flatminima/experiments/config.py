@@ -87,6 +87,10 @@ class ExperimentConfig:
     warmup_epochs: float = _f(0.0, "float", "linear warm-up length in epochs (may be fractional)")
     min_lr: float = _f(0.0, "float", "learning rate at the end of the cosine schedule")
     label_smoothing: float = _f(0.0, "float", "label smoothing of the training loss, in [0, 1)")
+    m_sharpness: int | None = _f(None, "optional_int", "m-sharpness: each chunk of M samples of a (per-process) batch "
+                                 "gets its own eps, and the step averages the chunks' gradients (default: one eps "
+                                 "per batch, across processes too)")
+    amp: str = _f("off", "str", "mixed precision: off, bf16 (autocast) or fp16 (autocast and a GradScaler)")
     # ---- runs
     seeds: list[int] = _f([0, 1, 2], "seeds", "seeds: a count N (0..N-1) or a list; each seed fixes init, data order, augmentation and label noise")
     device: str = _f("auto", "str", "auto, cpu, cuda or cuda:N")
@@ -316,6 +320,10 @@ def validate(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}")
     if not cfg.dropout < 1.0:
         raise ConfigError(f"--dropout must be in [0, 1), got {cfg.dropout}")
+    if cfg.m_sharpness is not None and cfg.m_sharpness < 1:
+        raise ConfigError(f"--m-sharpness must be >= 1, got {cfg.m_sharpness}")
+    if cfg.amp not in ("off", "bf16", "fp16"):
+        raise ConfigError(f"--amp must be off, bf16 or fp16, got {cfg.amp!r}")
     if cfg.schedule not in ("cosine", "constant"):
         raise ConfigError(f"--schedule must be cosine or constant, got {cfg.schedule!r}")
     dev = cfg.device

@@ -204,16 +204,24 @@ def optimizer_settings(method: Method, cfg: ExperimentConfig) -> tuple[dict[str,
     return hp, base
 
 
-def build_optimizer(method: Method, model: nn.Module, cfg: ExperimentConfig) -> Optimizer:
+def build_optimizer(
+    method: Method, model: nn.Module, cfg: ExperimentConfig, module: nn.Module | None = None
+) -> Optimizer:
     """The optimizer of ``method`` over ``model``'s parameters. Sharpness-aware
-    methods get ``model=`` so that BatchNorm statistics come from the clean pass."""
+    methods get ``model=`` (``module``, the DDP wrapper under torchrun) so that
+    BatchNorm statistics come from the clean pass; without ``--m-sharpness``
+    the clean gradient is averaged over the processes too (one eps per global
+    batch: the same run as one process), with it each chunk gets its own."""
     hp, base = optimizer_settings(method, cfg)
     cls = optimizer_class(method.optimizer)
     try:
         if method.plain:
             return cls(model.parameters(), **base)
         changed = {k: v for k, v in hp.items() if flatminima.get_method(method.name).defaults().get(k, object()) != v}
-        return flatminima.create(method.name, model.parameters(), cls, model=model, **changed, **base)
+        return flatminima.create(
+            method.name, model.parameters(), cls, model=model if module is None else module,
+            sync_perturbations=cfg.m_sharpness is None, **changed, **base,
+        )
     except (ValueError, TypeError) as e:
         raise ConfigError(f"method {method.label!r}: {e}") from None
 

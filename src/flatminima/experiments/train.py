@@ -38,6 +38,7 @@ Metrics of a row (accuracies in %):
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -228,6 +229,31 @@ def noisy_labels(data: Dataset, cfg: ExperimentConfig, seed: int) -> tuple[Tenso
     return data.y_train.clone(), torch.zeros(len(data.y_train), dtype=torch.bool)
 
 
+def _autocast(amp: str, device: torch.device) -> Callable[[], Any]:
+    """The forward's precision context for ``--amp``."""
+    if amp == "off":
+        return contextlib.nullcontext
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return lambda: torch.autocast(device.type, dtype=dtype)
+
+
+def _chunks(x: Tensor, y: Tensor, m: int | None) -> list[tuple[Tensor, Tensor]]:
+    """The batch as chunks of ``m`` samples for m-sharpness (one chunk without ``m``)."""
+    if m is None or m >= len(y):
+        return [(x, y)]
+    return list(zip(x.split(m), y.split(m)))
+
+
+def _plain_step(opt: torch.optim.Optimizer, closure: Callable[[], Tensor], scaler: Any) -> None:
+    """A base optimizer's step (the plain baselines), with the GradScaler's protocol under fp16."""
+    if scaler is None:
+        opt.step(closure)
+        return
+    closure()
+    scaler.step(opt)
+    scaler.update()
+
+
 class _Sized:
     def __init__(self, n: int) -> None:
         self.n = n
@@ -310,10 +336,12 @@ def train_run(
                       "num_classes": data.num_classes, "dataset": data.name, "width": cfg.width,
                       "depth": cfg.depth, "dropout": cfg.dropout}
         model = model_from_info(model_info).to(device)
-        opt = build_optimizer(method, model, cfg)
         net: nn.Module = model
         if info.enabled:
             net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        opt = build_optimizer(method, model, cfg, module=net)
+        autocast = _autocast(cfg.amp, device)
+        scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
         loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
 
         x_train, x_test = data.x_train.to(device), data.x_test.to(device)
@@ -344,6 +372,8 @@ def train_run(
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])
+            if scaler is not None:
+                scaler.load_state_dict(state["scaler"])
             torch.set_rng_state(state["rng"]["torch"])
             if device.type == "cuda" and state["rng"].get("cuda") is not None:
                 torch.cuda.set_rng_state(state["rng"]["cuda"], device)
@@ -373,35 +403,47 @@ def train_run(
                 xb, yb = data.prepare(x_train[idx]), y_noisy_d[idx]
                 if cfg.augment:
                     xb = augment(xb, data.augmentation, gen)
-                first = [True]
+                chunks = _chunks(xb, yb, cfg.m_sharpness if method.sharpness_aware else None)
+                recorded: set[int] = set()
 
-                def record(out: Tensor, loss: Tensor) -> None:
-                    if first[0]:  # the clean pass (a sharpness-aware step calls the closure again)
-                        first[0] = False
+                def record(i: int, out: Tensor, loss: Tensor, n: int) -> None:
+                    if i not in recorded:  # the chunk's clean pass (a sharpness-aware step calls it again)
+                        recorded.add(i)
                         with torch.no_grad():
-                            stats[0] += loss.detach().double() * len(yb)
-                            stats[1] += (out.argmax(1) == yb).sum()
+                            stats[0] += loss.detach().double() * n
+                            stats[1] += (out.argmax(1) == chunks[i][1]).sum()
 
-                def closure() -> Tensor:
-                    passes[0] += 1
+                def closure(i: int = 0) -> Tensor:
+                    passes[0] += len(chunks[i][1]) / len(yb)  # a chunk's pass counts its share of the batch
                     opt.zero_grad(set_to_none=True)
-                    out = net(xb)
-                    loss = loss_fn(out, yb)
-                    loss.backward()
-                    record(out, loss)
+                    xs, ys = chunks[i]
+                    with autocast():
+                        out = net(xs)
+                        loss = loss_fn(out.float(), ys)
+                    (loss if scaler is None else scaler.scale(loss)).backward()
+                    record(i, out, loss, len(ys))
                     return loss
 
-                def per_sample_closure(indices: Tensor | None = None) -> Tensor:
-                    passes[0] += 1
-                    xs, ys = (xb, yb) if indices is None else (xb[indices], yb[indices])
-                    out = net(xs)
-                    losses = F.cross_entropy(out, ys, reduction="none", label_smoothing=cfg.label_smoothing)
+                def per_sample_closure(i: int = 0, indices: Tensor | None = None) -> Tensor:
+                    passes[0] += len(chunks[i][1]) / len(yb)
+                    xs, ys = chunks[i]
+                    if indices is not None:
+                        xs, ys = xs[indices], ys[indices]
+                    with autocast():
+                        out = net(xs)
+                        losses = F.cross_entropy(out.float(), ys, reduction="none", label_smoothing=cfg.label_smoothing)
                     if indices is None:
-                        record(out, losses.mean())
+                        record(i, out, losses.mean(), len(ys))
                     return losses
 
+                fn = per_sample_closure if form == "per_sample" else closure
                 try:
-                    opt.step(per_sample_closure if form == "per_sample" else closure)
+                    if not method.sharpness_aware:
+                        _plain_step(opt, closure, scaler)
+                    elif len(chunks) > 1:
+                        opt.step(fn, scaler=scaler, chunks=len(chunks))
+                    else:
+                        opt.step(fn if form == "loss" else (lambda indices=None: fn(0, indices)), scaler=scaler)
                 except (ValueError, TypeError) as e:
                     if b == 0 and epoch == start_epoch:  # a method that cannot run with these settings
                         raise MethodFailed(f"method {method.label!r} failed at its first step: {e}") from e
@@ -438,6 +480,7 @@ def train_run(
                     "run": fingerprint, "epoch": epoch + 1, "steps": steps, "history": result.history,
                     "label": method.label, "seed": int(seed), "config": cfg.to_dict(), "model_info": model_info,
                     "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                    "scaler": None if scaler is None else scaler.state_dict(),
                     "rng": {"torch": torch.get_rng_state(),
                             "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
                 })
