@@ -446,7 +446,11 @@ class SharpnessAware(Optimizer):
                 T.mul_(v.grads, coef, fe)  # eps, without a device sync
                 coef = 1.0
             if swap:
-                T.add_into_(v.grads, v.params, coef)  # w + eps, in the gradient's buffer
+                # w + eps in the gradient's buffer (eps + w: the same bits)
+                if on_host:
+                    T.add_into_(v.grads, v.params, coef)
+                else:
+                    T.add_(v.grads, v.params, fe)
                 v.saved = [p.data for p in v.params]
                 for p, buf in zip(v.params, v.grads):
                     p.grad = None  # a zero_grad(set_to_none=False) must not zero the weights
@@ -550,19 +554,21 @@ class SharpnessAware(Optimizer):
             tensors += [t for t in ctx.extra.get(key, {}).values() if t is not None]
         if tensors:
             P.all_reduce_mean_(tensors, ctx.group)
-        self._shard_norms(ctx)
+        self._shard_norms(ctx, grads)
 
     @staticmethod
-    def _shard_norms(ctx: StepContext) -> None:
-        """Norms of the averaged gradients (``grad_sq`` from the kept clean
-        copy; without one it stays the shards' own, which no hook reads
-        after a perturbed pass)."""
+    def _shard_norms(ctx: StepContext, grads: bool = True) -> None:
+        """Norms of the averaged gradients: of ``.grad`` when it was averaged
+        (``grads``), and ``grad_sq`` from the kept clean copy after a
+        perturbed pass (without one it stays the shards' own, which no hook
+        reads after a perturbed pass)."""
         fe = ctx.foreach
         if ctx.perturbed:
-            ctx.perturbed_sq = [T.sum_of_squares(v.grads, fe) for v in ctx.groups]
+            if grads:
+                ctx.perturbed_sq = [T.sum_of_squares(v.grads, fe) for v in ctx.groups]
             if all(v.clean is not None for v in ctx.groups):
                 ctx.grad_sq = [T.sum_of_squares(v.clean, fe) for v in ctx.groups]  # type: ignore[arg-type]
-        else:
+        elif grads:
             ctx.grad_sq = [T.sum_of_squares(v.grads, fe) for v in ctx.groups]
 
     @torch.no_grad()
