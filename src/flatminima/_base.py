@@ -46,12 +46,9 @@ in ``_post_step``.
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import nullcontext
-from dataclasses import dataclass, field
-from functools import partial
 from typing import Any, ClassVar, ContextManager
 
 import torch
@@ -61,60 +58,15 @@ from torch.optim import Optimizer
 from . import _tensorops as T
 from . import _validate as V
 from . import passes as P
+from ._context import GroupView, StepContext, total
+from ._shards import ChunkedSteps
+
+__all__ = ["GroupView", "SharpnessAware", "StepContext", "total"]
 
 _FORMAT = 1
 
 
-@dataclass
-class GroupView:
-    """The parameters of one param group that take part in this step."""
-
-    group: dict[str, Any]
-    params: list[Tensor]
-    grads: list[Tensor]
-    clean: list[Tensor] | None = None  # copy of g, for methods that keep it
-    saved: list[Tensor] | None = None  # w before the perturbation (a copy, or w's own storage)
-    swapped: bool = False  # the params point at w + eps in their gradients' buffers
-
-
-@dataclass
-class StepContext:
-    """What the hooks of one step see. Norms are 0-dim tensors (no sync)."""
-
-    groups: list[GroupView]
-    foreach: bool
-    grad_sq: list[Tensor]  # per group ||g||^2
-    perturbed: bool = False
-    perturbed_sq: list[Tensor] | None = None  # per group ||g_p||^2
-    extra: dict[str, Any] = field(default_factory=dict)  # hook-to-hook scratch
-    #: DDP process group when eps is per replica (gradients of the clean pass are local), else None
-    group: Any = None
-    #: m-sharpness on one device: this context is one chunk's, or the chunks' mean
-    chunked: bool = False
-    scaler: Any = None  # the step's GradScaler, when one is in use
-    scaler_views: list[object] = field(default_factory=list)  # what it unscaled, kept until update()
-
-    @property
-    def grad_norm(self) -> Tensor:
-        return total(self.grad_sq).sqrt()
-
-    @property
-    def perturbed_norm(self) -> Tensor:
-        if self.perturbed_sq is None:
-            raise RuntimeError("no perturbed pass in this step")
-        return total(self.perturbed_sq).sqrt()
-
-
-def total(values: list[Tensor]) -> Tensor:
-    """Sum per-group reductions that may live on different devices."""
-    if not values:
-        return torch.zeros(())
-    device = values[0].device
-    acc = torch.float64 if any(v.dtype == torch.float64 for v in values) else torch.float32
-    return torch.stack([v.to(device=device, dtype=acc) for v in values]).sum()
-
-
-class SharpnessAware(Optimizer):
+class SharpnessAware(ChunkedSteps, Optimizer):
     """Base class of every two-pass method; see the module docstring.
 
     Subclasses pass their per-group defaults and a validator per key, and
@@ -422,7 +374,7 @@ class SharpnessAware(Optimizer):
         if self.keeps_clean_grad:
             for v in groups:
                 v.clean = T.clone(v.grads, fe)
-        swap = fe and _can_swap(groups)
+        swap = fe and T.can_swap([p for v in groups for p in v.params], [g for v in groups for g in v.grads])
         scratch = [
             [torch.empty_like(p, memory_format=torch.preserve_format) for p in v.params]
             if not swap or self._needs_scratch(v)
@@ -668,114 +620,6 @@ class SharpnessAware(Optimizer):
             self._scaler = None
         return loss
 
-    def _chunked_step(self, closure: Callable[[int], Any], n: int, scaler: Any) -> Any:
-        """m-sharpness: every chunk's clean and perturbed passes in turn, one
-        descent along the averaged gradients (see :meth:`step`)."""
-        ddp = P.ddp_module(self.model)
-        if ddp is not None and self.sync_perturbations:
-            raise ValueError(
-                "chunks= gives every chunk its own eps, sync_perturbations=True one eps for all replicas: "
-                "use one or the other"
-            )
-        group = ddp.process_group if ddp is not None and P.world_size(ddp.process_group) > 1 else None
-        views: list[object] = []
-        enabled = P.scaler_enabled(scaler)
-        self._scaler = scaler if enabled else None
-        losses: list[Any] = []
-        try:
-            decided: bool | None = None
-            extra: dict[str, Any] = {}
-            if self.decides_from_gradient:
-                # The decision needs the batch gradient: one clean sweep first.
-                sums = self._chunk_sweep(closure, n, scaler, group, views, losses, perturb=False)
-                if sums is None:
-                    return _mean(losses)
-                ctx = self._chunk_mean(sums, n, group, perturbed=False)
-                if not self._perturb_this_step(ctx):
-                    self._descend(ctx)
-                    return _mean(losses)
-                decided, extra, losses = True, ctx.extra, []
-            sums = self._chunk_sweep(closure, n, scaler, group, views, losses, perturb=decided)
-            if sums is None:
-                return _mean(losses)
-            ctx = self._chunk_mean(sums, n, group, perturbed=sums.perturbed)
-            ctx.extra = {**extra, **ctx.extra}
-            self._descend(ctx)
-            return _mean(losses)
-        except BaseException:
-            if enabled:
-                P.forget_passes(scaler, views)  # an abandoned step leaves the scaler as it was
-            raise
-        finally:
-            self._scaler = None
-            if enabled and views:
-                scaler.update()
-
-    def _chunk_sweep(
-        self,
-        closure: Callable[[int], Any],
-        n: int,
-        scaler: Any,
-        group: Any,
-        views: list[object],
-        losses: list[Any],
-        perturb: bool | None,
-    ) -> Any:
-        """Run every chunk (clean pass, and the perturbed pass when the method
-        perturbs: ``perturb``, or its own choice at the first chunk) and sum
-        the results; None when a non-finite gradient skipped the step."""
-        from ._shards import ShardSum  # imports this module
-
-        local = self._chunk_pass_context()
-        sums = ShardSum(self.shard_state)
-        for i in range(n):
-            chunk = partial(closure, i)
-            with local():
-                losses.append(self._run_closure(chunk, "clean"))
-            with torch.no_grad():
-                ctx = self._open(scaler, group, views)
-                ctx.chunked = True
-                if not self._finite(ctx, ctx.grad_sq, every_rank=True):
-                    self._count_skip("clean")
-                    return None
-                if perturb is None:
-                    perturb = self._perturb_this_step(ctx)
-                    sums.extra = ctx.extra  # the decision's own notes (committed after the step)
-                if perturb:
-                    self._perturb(ctx)
-                    self.zero_grad()
-            if perturb:
-                try:
-                    with local(), self.perturbed_pass():
-                        self._run_closure(chunk, "perturbed")
-                except BaseException:
-                    with torch.no_grad():
-                        self._restore(ctx)
-                    raise
-                with torch.no_grad():
-                    if not self._close_perturbed(ctx):
-                        return None
-            sums.add(ctx)
-        return sums
-
-    def _chunk_pass_context(self) -> Callable[[], ContextManager[Any]]:
-        ddp = P.ddp_module(self.model)
-        return ddp.no_sync if ddp is not None else nullcontext
-
-    @torch.no_grad()
-    def _chunk_mean(self, sums: Any, n: int, group: Any, perturbed: bool) -> StepContext:
-        """The step's context from the chunks' sums: mean gradients in
-        ``.grad``, averaged over the replicas too under DDP."""
-        groups = sums.mean_views(self.param_groups, n)
-        fe = self._use_foreach(groups)
-        ctx = StepContext(groups, fe, sums.grad_sq(n), perturbed=perturbed, group=group, chunked=True)
-        ctx.extra = sums.mean_state(n)
-        if group is not None:
-            self._average_shard_values(ctx, grads=True)
-        else:
-            self._shard_norms(ctx)
-        return ctx
-
     def _local_pass(self) -> ContextManager[Any]:
         """``model.no_sync()`` when the clean gradient must stay on its replica."""
         ddp = P.ddp_module(self.model)
@@ -964,34 +808,6 @@ class SharpnessAware(Optimizer):
         for name, value in meta.get("options", {}).items():  # absent in state dicts of earlier versions
             if name in self.method_options:
                 setattr(self, name, value)
-
-
-def _can_swap(groups: list[GroupView]) -> bool:
-    """Whether every parameter may point at its gradient's buffer during the
-    perturbed pass: a plain gradient tensor, each of the two the sole owner
-    of its storage (not a view: a DDP bucket view as ``.grad``; not part of
-    a larger buffer: RNN weights flattened by ``flatten_parameters()``,
-    whose ``.data`` is a slice without being a view), the same strides.
-    (``.grad`` has the parameter's dtype, shape and device: autograd's
-    setter enforces it.)"""
-    for v in groups:
-        for p, g in zip(v.params, v.grads):
-            if type(g) is not Tensor or g.stride() != p.stride() or not (_sole_owner(p) and _sole_owner(g)):
-                return False
-    return True
-
-
-def _sole_owner(t: Tensor) -> bool:
-    return not t._is_view() and t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size()
-
-
-def _mean(losses: list[Any]) -> Any:
-    """Mean of the chunks' losses (tensors detached: the graphs are gone)."""
-    if not losses or any(x is None for x in losses):
-        return None
-    if all(isinstance(x, Tensor) for x in losses):
-        return torch.stack([x.detach() for x in losses]).mean()
-    return sum(float(x) for x in losses) / len(losses)
 
 
 def _as_list(params: Any) -> list[Tensor]:

@@ -282,3 +282,21 @@ def centralize_(tensors: TensorList) -> None:
 def is_finite(value: Tensor) -> bool:
     """Host-side check of a reduced value (one device synchronisation)."""
     return bool(torch.isfinite(value).item())
+
+
+def can_swap(params: TensorList, grads: TensorList) -> bool:
+    """Whether every parameter may point at its gradient's buffer during the
+    perturbed pass: a plain gradient tensor, each of the two the sole owner
+    of its storage (not a view: a DDP bucket view as ``.grad``; not part of
+    a larger buffer: RNN weights flattened by ``flatten_parameters()``,
+    whose ``.data`` is a slice without being a view), the same strides.
+    (``.grad`` has the parameter's dtype, shape and device: autograd's
+    setter enforces it.)"""
+    for p, g in zip(params, grads):
+        if type(g) is not Tensor or g.stride() != p.stride() or not (_sole_owner(p) and _sole_owner(g)):
+            return False
+    return True
+
+
+def _sole_owner(t: Tensor) -> bool:
+    return not t._is_view() and t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size()

@@ -1,0 +1,58 @@
+"""What the hooks of one step see: the per-group views and the step's context."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class GroupView:
+    """The parameters of one param group that take part in this step."""
+
+    group: dict[str, Any]
+    params: list[Tensor]
+    grads: list[Tensor]
+    clean: list[Tensor] | None = None  # copy of g, for methods that keep it
+    saved: list[Tensor] | None = None  # w before the perturbation (a copy, or w's own storage)
+    swapped: bool = False  # the params point at w + eps in their gradients' buffers
+
+
+@dataclass
+class StepContext:
+    """What the hooks of one step see. Norms are 0-dim tensors (no sync)."""
+
+    groups: list[GroupView]
+    foreach: bool
+    grad_sq: list[Tensor]  # per group ||g||^2
+    perturbed: bool = False
+    perturbed_sq: list[Tensor] | None = None  # per group ||g_p||^2
+    extra: dict[str, Any] = field(default_factory=dict)  # hook-to-hook scratch
+    #: DDP process group when eps is per replica (gradients of the clean pass are local), else None
+    group: Any = None
+    #: m-sharpness on one device: this context is one chunk's, or the chunks' mean
+    chunked: bool = False
+    scaler: Any = None  # the step's GradScaler, when one is in use
+    scaler_views: list[object] = field(default_factory=list)  # what it unscaled, kept until update()
+
+    @property
+    def grad_norm(self) -> Tensor:
+        return total(self.grad_sq).sqrt()
+
+    @property
+    def perturbed_norm(self) -> Tensor:
+        if self.perturbed_sq is None:
+            raise RuntimeError("no perturbed pass in this step")
+        return total(self.perturbed_sq).sqrt()
+
+
+def total(values: list[Tensor]) -> Tensor:
+    """Sum per-group reductions that may live on different devices."""
+    if not values:
+        return torch.zeros(())
+    device = values[0].device
+    acc = torch.float64 if any(v.dtype == torch.float64 for v in values) else torch.float32
+    return torch.stack([v.to(device=device, dtype=acc) for v in values]).sum()
