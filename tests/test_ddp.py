@@ -87,11 +87,55 @@ MODES = {
 }
 
 
+class _Branchy(nn.Module):
+    """A head that rank 1 never uses: its parameters get gradients on rank 0 only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body, self.extra = nn.Linear(6, 3).double(), nn.Linear(3, 3).double()
+
+    def forward(self, x: torch.Tensor, use_extra: bool) -> torch.Tensor:
+        h = self.body(x)
+        return h + self.extra(h) if use_extra else h
+
+
+def _unused_parameters(rank: int) -> dict[str, Any]:
+    """DDP(find_unused_parameters=True) with a head unused on rank 1, as DDP
+    treats it: a gradient present on some ranks only counts zero on the
+    others. Steps with a perturbed pass get DDP's averaged g_p (the kept
+    clean gradient of a parameter without one is 0); steps without one
+    (SAM every 2 steps) average the clean gradients over the union of
+    parameters. VaSSO's per-replica state of the unused head exists on rank
+    0 only: a clear error on every rank, not a hang."""
+    out: dict[str, Any] = {}
+    for name, kwargs in (("sam", {}), ("wsam", {}), ("sam_every_k", {"k": 2}), ("vasso", {})):
+        model = _Branchy()
+        ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+        opt = flatminima.create(name, model.parameters(), torch.optim.SGD, lr=0.1, model=ddp, **kwargs)
+        try:
+            for x, y in helpers.batches(2, torch.float64):
+                xr, yr = _shard(x, rank), _shard(y, rank)
+
+                def closure() -> torch.Tensor:
+                    opt.zero_grad()
+                    loss = nn.functional.cross_entropy(ddp(xr, rank == 0), yr)
+                    loss.backward()
+                    return loss
+
+                opt.step(closure)
+            out[name] = helpers.params_of(model)
+        except ValueError as e:
+            out[name] = str(e)
+    return out
+
+
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
     try:
-        results = {mode: {c.id: _run_case(c, rank, mode) for c in cases} for mode, cases in MODES.items()}
+        results: dict[str, Any] = {mode: {c.id: _run_case(c, rank, mode) for c in cases} for mode, cases in MODES.items()}
+        results["unused"] = _unused_parameters(rank)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -187,3 +231,12 @@ def test_torchrun_example(tmp_path: Path) -> None:
     # the two ranks share one stdout: their lines may interleave, so no line-based parsing
     sums = dict(re.findall(r"checksum rank (\d) (-?[0-9.e+-]+)", out.stdout))
     assert sorted(sums) == ["0", "1"] and sums["0"] == sums["1"], out.stdout
+
+
+def test_unused_parameters_error_instead_of_a_hang(ranks: list[dict[str, Any]]) -> None:
+    a, b = ranks[0]["unused"], ranks[1]["unused"]
+    for name in ("sam", "wsam", "sam_every_k"):
+        assert not isinstance(a[name], str), a[name]
+        helpers.assert_tree_equal(a[name], b[name])
+    for msg in (a["vasso"], b["vasso"]):
+        assert isinstance(msg, str) and "cover different parameters" in msg and "sync_perturbations=True" in msg

@@ -355,7 +355,21 @@ class SharpnessAware(ChunkedSteps, Optimizer):
         return True
 
     def _average_grads(self, ctx: StepContext) -> None:
-        P.all_reduce_mean_([g for v in ctx.groups for g in v.grads], ctx.group)
+        """Average the replicas' clean gradients, as DDP would have: a
+        parameter with a gradient on some ranks only counts zero on the
+        others (DDP's ``find_unused_parameters``; one small collective
+        agrees on which parameters have one)."""
+        params = self._all_params()
+        device = _device(ctx)
+        anywhere = P.on_any_rank([p.grad is not None for p in params], ctx.group, device)
+        missing = [p for p, there in zip(params, anywhere) if there and p.grad is None]
+        for p in missing:
+            p.grad = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if missing:
+            for v in ctx.groups:
+                v.params = [p for p in v.group["params"] if p.grad is not None]
+                v.grads = [p.grad for p in v.params]
+        P.all_reduce_mean_([g for v in ctx.groups for g in v.grads], ctx.group, device)
         ctx.grad_sq = [T.sum_of_squares(v.grads, ctx.foreach) for v in ctx.groups]
 
     def _perturb(self, ctx: StepContext) -> None:
@@ -504,8 +518,7 @@ class SharpnessAware(ChunkedSteps, Optimizer):
         tensors += [c for v in ctx.groups for c in (v.clean or [])]
         for key in self.shard_state:
             tensors += [t for t in ctx.extra.get(key, {}).values() if t is not None]
-        if tensors:
-            P.all_reduce_mean_(tensors, ctx.group)
+        P.all_reduce_mean_(tensors, ctx.group, _device(ctx))  # every rank, even with nothing to average
         self._shard_norms(ctx, grads)
 
     @staticmethod
@@ -808,6 +821,14 @@ class SharpnessAware(ChunkedSteps, Optimizer):
         for name, value in meta.get("options", {}).items():  # absent in state dicts of earlier versions
             if name in self.method_options:
                 setattr(self, name, value)
+
+
+def _device(ctx: StepContext) -> torch.device:
+    """Where the step's collectives run: the device of its parameters."""
+    for group in ctx.groups:
+        for p in group.group["params"]:
+            return p.device
+    return torch.device("cpu")
 
 
 def _as_list(params: Any) -> list[Tensor]:

@@ -165,16 +165,40 @@ def all_ranks_true(flag: bool, group: object, device: torch.device) -> bool:
     return bool(t.item() == 0.0)
 
 
+def on_any_rank(flags: list[bool], group: object, device: torch.device) -> list[bool]:
+    """Each flag OR-ed over the ranks (one collective of ``len(flags)`` bytes)."""
+    import torch.distributed as dist
+
+    t = torch.tensor(flags, dtype=torch.uint8, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)  # type: ignore[arg-type]
+    return [bool(x) for x in t.tolist()]
+
+
 _BUCKET_ELEMENTS = 1 << 24  # 64 MiB of float32: bounds the flat buffer's memory
 
 
-def all_reduce_mean_(tensors: list[Tensor], group: object) -> None:
+def all_reduce_mean_(tensors: list[Tensor], group: object, device: torch.device) -> None:
     """Average ``tensors`` across the ranks of ``group`` in place, through
     flat buffers of at most ``_BUCKET_ELEMENTS`` per device and dtype (a
-    few collectives instead of one per tensor)."""
+    few collectives instead of one per tensor).
+
+    Every rank must call it, with the same tensor shapes in the same order:
+    one small collective checks that first, and every rank raises the same
+    ValueError when they differ (ranks whose gradients cover different
+    parameters), where mismatched buffers would hang or mix values.
+    """
     import torch.distributed as dist
     from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+    count, numel = float(len(tensors)), float(sum(t.numel() for t in tensors))
+    sig = torch.tensor([count, numel, -count, -numel], dtype=torch.float64, device=device)
+    dist.all_reduce(sig, op=dist.ReduceOp.MAX, group=group)  # type: ignore[arg-type]
+    if sig[0] != -sig[2] or sig[1] != -sig[3]:
+        raise ValueError(
+            "the replicas' gradients cover different parameters (unused parameters on some ranks), so "
+            "their per-replica values cannot be averaged; make every rank give every trained parameter a "
+            "gradient, or pass sync_perturbations=True (DDP then averages both passes itself)"
+        )
     n = world_size(group)
     buckets: dict[tuple[torch.device, torch.dtype], list[list[Tensor]]] = {}
     for t in tensors:
