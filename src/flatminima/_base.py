@@ -518,7 +518,10 @@ class SharpnessAware(ChunkedSteps, Optimizer):
         tensors += [c for v in ctx.groups for c in (v.clean or [])]
         for key in self.shard_state:
             tensors += [t for t in ctx.extra.get(key, {}).values() if t is not None]
-        P.all_reduce_mean_(tensors, ctx.group, _device(ctx))  # every rank, even with nothing to average
+        # Whether to call is decided by the class and ``grads`` alone, so every
+        # rank calls (a rank whose list happens to be empty must still join).
+        if grads or self.keeps_clean_grad or self.shard_state:
+            P.all_reduce_mean_(tensors, ctx.group, _device(ctx))
         self._shard_norms(ctx, grads)
 
     @staticmethod
