@@ -106,10 +106,11 @@ def _unused_parameters(rank: int) -> dict[str, Any]:
     others. Steps with a perturbed pass get DDP's averaged g_p (the kept
     clean gradient of a parameter without one is 0); steps without one
     (SAM every 2 steps) average the clean gradients over the union of
-    parameters. VaSSO's per-replica state of the unused head exists on rank
+    parameters, as does AE-SAM's decision (it then perturbs with its own
+    gradient, 0 for the unused head). VaSSO's per-replica state of the unused head exists on rank
     0 only: a clear error on every rank, not a hang."""
     out: dict[str, Any] = {}
-    for name, kwargs in (("sam", {}), ("wsam", {}), ("sam_every_k", {"k": 2}), ("vasso", {})):
+    for name, kwargs in (("sam", {}), ("wsam", {}), ("sam_every_k", {"k": 2}), ("ae_sam", {"sam_fraction": 1.0}), ("vasso", {})):
         model = _Branchy()
         ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
         opt = flatminima.create(name, model.parameters(), torch.optim.SGD, lr=0.1, model=ddp, **kwargs)
@@ -235,7 +236,7 @@ def test_torchrun_example(tmp_path: Path) -> None:
 
 def test_unused_parameters_error_instead_of_a_hang(ranks: list[dict[str, Any]]) -> None:
     a, b = ranks[0]["unused"], ranks[1]["unused"]
-    for name in ("sam", "wsam", "sam_every_k"):
+    for name in ("sam", "wsam", "sam_every_k", "ae_sam"):  # ae_sam: decides from the mean, perturbs from its own
         assert not isinstance(a[name], str), a[name]
         helpers.assert_tree_equal(a[name], b[name])
     for msg in (a["vasso"], b["vasso"]):

@@ -345,12 +345,15 @@ class SharpnessAware(ChunkedSteps, Optimizer):
                 return True
             self._average_grads(ctx)
             return False
-        local = [T.clone(v.grads, ctx.foreach) for v in ctx.groups]
-        self._average_grads(ctx)
+        fe = ctx.foreach
+        local = {p: g for v in ctx.groups for p, g in zip(v.params, T.clone(v.grads, fe))}
+        self._average_grads(ctx)  # may add zero gradients (parameters unused on this rank)
         if not self._perturb_this_step(ctx):
             return False
-        for v, own in zip(ctx.groups, local):
-            T.copy_(v.grads, own, ctx.foreach)
+        for v in ctx.groups:
+            own = [(g, local[p]) for p, g in zip(v.params, v.grads) if p in local]
+            T.copy_([g for g, _ in own], [c for _, c in own], fe)
+            T.zero_([g for p, g in zip(v.params, v.grads) if p not in local], fe)  # no local gradient: eps 0
         ctx.grad_sq = [T.sum_of_squares(v.grads, ctx.foreach) for v in ctx.groups]
         return True
 
@@ -615,12 +618,12 @@ class SharpnessAware(ChunkedSteps, Optimizer):
             )
         if not callable(closure):
             raise TypeError(f"closure must be callable, got {type(closure).__name__}")
-        P.scaler_enabled(scaler)  # type check before any pass runs
+        enabled = P.scaler_enabled(scaler)  # type check before any pass runs
         if self._phase is not None:
             raise ValueError("step() called between first_step() and second_step(); finish that step first")
         if chunks is not None:
             return self._chunked_step(closure, V.positive_int("chunks", chunks), scaler)
-        self._scaler = scaler if P.scaler_enabled(scaler) else None
+        self._scaler = scaler if enabled else None
         try:
             with self._local_pass():
                 loss = self._run_closure(closure, "clean")

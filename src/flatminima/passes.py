@@ -158,11 +158,7 @@ def all_ranks_true(flag: bool, group: object, device: torch.device) -> bool:
     """Whether ``flag`` holds on every rank (one scalar all-reduce): the
     ranks must agree on skipping a step, or their collectives fall out of
     step."""
-    import torch.distributed as dist
-
-    t = torch.tensor([0.0 if flag else 1.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)  # type: ignore[arg-type]
-    return bool(t.item() == 0.0)
+    return not on_any_rank([not flag], group, device)[0]
 
 
 def on_any_rank(flags: list[bool], group: object, device: torch.device) -> list[bool]:
