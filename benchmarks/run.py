@@ -179,6 +179,8 @@ def _bookkeeping_variants(wl: Workload, methods: list[str]) -> tuple[dict, dict,
             p.grad = g
 
     for name in methods:
+        if flatminima.get_method(name).cls.pre_pass:
+            continue  # it reads the base optimizer's momentum: no bookkeeping without a real base
         for fe in (True, False):
             key = f"{name}[{'foreach' if fe else 'per-tensor'}]"
             meta[key] = {"method": name, "path": "foreach" if fe else "per-tensor"}
@@ -318,6 +320,8 @@ def bench_workload(
     del copy_dst, copy_src
     for name in methods:
         row: dict[str, Any] = {}
+        if f"{name}[foreach]" not in bmeta:
+            continue  # pre-pass methods: see _bookkeeping
         for path in ("foreach", "per-tensor"):
             key = f"{name}[{path}]"
             if "error" in bmeta[key]:

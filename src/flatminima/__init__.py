@@ -2,12 +2,14 @@
 
 from ._base import GroupView, SharpnessAware, StepContext
 from .ae_sam import AESAM
+from .compose import compose, method_class
 from .esam import ESAM
 from .every_k import SAMEveryK
 from .fisher_sam import FisherSAM
 from .friendly_sam import FriendlySAM
 from .gsam import GSAM
 from .looksam import LookSAM
+from .momentum_sam import MomentumSAM
 from .param_groups import split_param_groups
 from .passes import all_buffers, is_running_buffer, preserve_running_stats
 from .registry import MethodSpec, create, get_method, list_methods, register
@@ -28,15 +30,18 @@ __all__ = [
     "GroupView",
     "LookSAM",
     "MethodSpec",
+    "MomentumSAM",
     "SharpnessAware",
     "SAMEveryK",
     "StepContext",
     "VaSSO",
     "all_buffers",
+    "compose",
     "create",
     "get_method",
     "is_running_buffer",
     "list_methods",
+    "method_class",
     "preserve_running_stats",
     "register",
     "split_param_groups",

@@ -35,8 +35,9 @@ class StepContext:
     group: Any = None
     #: m-sharpness on one device: this context is one chunk's, or the chunks' mean
     chunked: bool = False
-    scaler: Any = None  # the step's GradScaler, when one is in use
-    scaler_views: list[object] = field(default_factory=list)  # what it unscaled, kept until update()
+    scaling: Any = None  # the step's _scaling.ScaledPasses, when a GradScaler is in use
+    #: what the closure handed to this step (``SharpnessAware.note``), e.g. per-sample losses
+    data: dict[str, Any] = field(default_factory=dict)
 
     @property
     def grad_norm(self) -> Tensor:

@@ -4,26 +4,59 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Iterable
 from functools import partial
-from typing import Any
-
-import torch
-from torch import Tensor
-from torch.optim import Optimizer
+from typing import TYPE_CHECKING
 
 from . import _validate as V
-from ._base import StepContext, total
+from ._context import StepContext, total
+from ._options import Option
+from ._parts import Schedule
 from .sam import SAM
+
+if TYPE_CHECKING:
+    from ._base import SharpnessAware
 
 
 def initial_threshold(sam_fraction: float) -> float:
     """``c_0 = Phi^-1(1 - r)``: the threshold that a normally distributed
-    ``||g||^2`` exceeds with probability ``r`` (0 for ``r`` in {0, 1}, where
-    the decision does not use it)."""
+    ``||g||^2`` exceeds with probability ``r`` (0 for ``r`` in {0, 1})."""
     if sam_fraction <= 0.0 or sam_fraction >= 1.0:
         return 0.0
     return statistics.NormalDist().inv_cdf(1.0 - sam_fraction)
+
+
+class AdaptivePolicy(Schedule):
+    """SAM when ``||g||^2 >= mu + c sqrt(var)`` (EMAs), ``c`` steered to a fraction ``r``."""
+
+    name = "ae_sam"
+    options = {
+        "sam_fraction": Option(0.5, partial(V.in_range, low=0.0, high=1.0), "target fraction r of SAM steps", wide=True),
+        "decay": Option(0.9, partial(V.in_range, low=0.0, high=1.0, high_open=True), "decay of the EMAs", wide=True),
+        "gain": Option(0.05, V.positive, "step of the threshold controller", wide=True),
+    }
+    reads_gradient = True  # ||g||^2 against its running statistics
+    counts_steps = True
+
+    def init(self, opt: SharpnessAware) -> None:
+        opt.method_state.update(mu=0.0, var=0.0, c=initial_threshold(opt.sam_fraction))  # type: ignore[attr-defined]
+
+    def decide(self, opt: SharpnessAware, ctx: StepContext) -> bool:
+        state, decay, r = opt.method_state, opt.decay, opt.sam_fraction  # type: ignore[attr-defined]
+        x = float(total(ctx.grad_sq))
+        if state["step"] == 0:
+            mu, var = x, 0.0
+        else:
+            mu = decay * state["mu"] + (1.0 - decay) * x
+            var = decay * state["var"] + (1.0 - decay) * (x - mu) ** 2
+        sam = True if r >= 1.0 else False if r <= 0.0 else x >= mu + state["c"] * math.sqrt(var)
+        ctx.extra["ae_sam"] = (mu, var, sam)  # committed after the base step
+        return sam
+
+    def post_step(self, opt: SharpnessAware, ctx: StepContext) -> None:
+        mu, var, sam = ctx.extra["ae_sam"]
+        state = opt.method_state
+        state["mu"], state["var"] = mu, var
+        state["c"] = state["c"] + opt.gain * (float(sam) - opt.sam_fraction)  # type: ignore[attr-defined]
 
 
 class AESAM(SAM):
@@ -59,37 +92,35 @@ class AESAM(SAM):
     synchronisation (the non-finite check already has one).
 
     Args:
-        params: parameters or param-group dicts (per-group options allowed).
-        base_optimizer: a ``torch.optim.Optimizer`` class or an instance
-            built over the same parameters.
         sam_fraction: target fraction ``r`` of SAM steps, in ``[0, 1]``
             (default 0.5, the paper's operating point).
         decay: decay ``delta`` of the moving averages, in ``[0, 1)``
             (default 0.9).
         gain: step of the threshold controller, > 0 (default 0.05). Larger
             tracks ``r`` faster and lets ``c`` jitter more.
-        rho, adaptive, eta, centralize, norm_eps: SAM's per-group options
-            (defaults 0.05, False, 0.01, False, 1e-12), used on SAM steps.
-        max_grad_norm: clip the direction handed to the base optimizer to
-            this global norm (default None).
-        foreach: multi-tensor kernels (None: on where supported).
-        model: the module, so that ``step(closure)`` keeps BatchNorm running
-            statistics from the perturbed pass.
-        **base_kwargs: the base optimizer's arguments.
+        rho: neighbourhood radius, used on SAM steps (default 0.05).
+        @shared_args@
 
     ``sam_fraction``, ``decay`` and ``gain`` are one value for the whole
-    optimizer and not part of the state dict (build a resumed optimizer
-    with the same values).
+    optimizer, saved with the state dict's options.
 
     Cost: ``1 + r`` forward-backward passes per step on average. Memory: one
     copy of the parameters during a SAM step (the saved ``w``), none
     between steps.
 
-    Example::
-
-        opt = AESAM(model.parameters(), torch.optim.SGD, rho=0.05, sam_fraction=0.5, lr=0.1, momentum=0.9)
-        loss = opt.step(closure)  # closure: zero_grad, forward, backward, return loss
-        print(opt.perturbed_steps / opt.step_count)   # -> about 0.5
+    Example:
+        >>> import torch, flatminima
+        >>> model = torch.nn.Linear(4, 2)
+        >>> x, y = torch.randn(8, 4), torch.randn(8, 2)
+        >>> opt = flatminima.AESAM(model.parameters(), torch.optim.SGD, rho=0.05, sam_fraction=0.5, lr=0.1)
+        >>> def closure():
+        ...     opt.zero_grad()
+        ...     loss = torch.nn.functional.mse_loss(model(x), y)
+        ...     loss.backward()
+        ...     return loss
+        >>> loss = opt.step(closure)
+        >>> opt.perturbed_steps   # the first step is a SAM step (var = 0)
+        1
 
     Reference:
         Jiang, Yang, Zhang, Kwok. An Adaptive Policy to Employ
@@ -103,72 +134,9 @@ class AESAM(SAM):
     schedule, set ``gain`` small and move ``opt.method_state["c"]``
     yourself). The first step initialises the averages with ``x_1``.
     """
-
-    decides_from_gradient = True  # ||g||^2 against its running statistics
-    method_options = SAM.method_options + ("sam_fraction", "decay", "gain")
-
-    def __init__(
-        self,
-        params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        base_optimizer: type[Optimizer] | Optimizer,
-        *,
-        sam_fraction: float = 0.5,
-        decay: float = 0.9,
-        gain: float = 0.05,
-        rho: float = 0.05,
-        adaptive: bool = False,
-        eta: float = 0.01,
-        centralize: bool = False,
-        norm_eps: float = 1e-12,
-        max_grad_norm: float | None = None,
-        foreach: bool | None = None,
-        model: torch.nn.Module | None = None,
-        **base_kwargs: Any,
-    ) -> None:
-        self.sam_fraction = V.in_range("sam_fraction", sam_fraction, 0.0, 1.0)
-        self.decay = partial(V.in_range, low=0.0, high=1.0, high_open=True)("decay", decay)
-        self.gain = V.positive("gain", gain)
-        super().__init__(
-            params,
-            base_optimizer,
-            rho=rho,
-            adaptive=adaptive,
-            eta=eta,
-            centralize=centralize,
-            norm_eps=norm_eps,
-            max_grad_norm=max_grad_norm,
-            foreach=foreach,
-            model=model,
-            **base_kwargs,
-        )
-        self.method_state.update(step=0, mu=0.0, var=0.0, c=initial_threshold(self.sam_fraction))
+    schedule = AdaptivePolicy()
 
     @property
     def threshold(self) -> float:
         """The current ``c_t``."""
-        return self.method_state["c"]
-
-    def _perturb_this_step(self, ctx: StepContext) -> bool:
-        state, decay = self.method_state, self.decay
-        x = float(total(ctx.grad_sq))
-        if state["step"] == 0:
-            mu, var = x, 0.0
-        else:
-            mu = decay * state["mu"] + (1.0 - decay) * x
-            var = decay * state["var"] + (1.0 - decay) * (x - mu) ** 2
-        r = self.sam_fraction
-        if r >= 1.0:
-            sam = True
-        elif r <= 0.0:
-            sam = False
-        else:
-            sam = x >= mu + state["c"] * math.sqrt(var)
-        ctx.extra["ae_sam"] = (mu, var, sam)  # committed after the base step
-        return sam
-
-    def _post_step(self, ctx: StepContext) -> None:
-        mu, var, sam = ctx.extra["ae_sam"]
-        state = self.method_state
-        state["mu"], state["var"] = mu, var
-        state["c"] = state["c"] + self.gain * (float(sam) - self.sam_fraction)
-        state["step"] += 1
+        return float(self.method_state["c"])

@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
-
-import torch
-from torch import Tensor
-from torch.optim import Optimizer
+from typing import TYPE_CHECKING
 
 from . import _validate as V
-from ._base import StepContext
+from ._context import StepContext
+from ._options import Option
+from ._parts import Schedule
 from .sam import SAM
+
+if TYPE_CHECKING:
+    from ._base import SharpnessAware
+
+
+class EveryK(Schedule):
+    """A perturbed pass when ``t % k == 0`` (``t``: steps taken)."""
+
+    name = "every_k"
+    options = {"k": Option(5, V.positive_int, "period of the perturbed steps, an int >= 1", wide=True)}
+    counts_steps = True
+
+    def decide(self, opt: SharpnessAware, ctx: StepContext) -> bool:
+        return bool(opt.method_state["step"] % opt.k == 0)  # type: ignore[attr-defined]
 
 
 class SAMEveryK(SAM):
@@ -26,38 +37,37 @@ class SAMEveryK(SAM):
         otherwise:   w   = Base(w, g)                 # one pass, no perturbation
 
     On the other steps ``first_step`` returns False and ``step(closure)``
-    calls the closure once. ``t`` counts steps taken (a step skipped for a
-    non-finite gradient does not count, so the next step is tried again at
-    the same ``t``); it lives in ``method_state["step"]`` and is saved by
-    ``state_dict()``, so a run resumed in the middle of a period continues
-    bit for bit. ``k = 1`` is SAM bit for bit. It is LookSAM with
-    ``alpha = 0`` (see :class:`flatminima.LookSAM`), without LookSAM's
-    stored vector.
+    calls the closure once. ``t`` counts steps taken (a skipped step does
+    not count, so it is retried at the same ``t``); it lives in
+    ``method_state["step"]`` and ``k`` in the state dict's options, so a
+    run resumed in the middle of a period continues bit for bit. ``k = 1``
+    is SAM bit for bit; it is LookSAM with ``alpha = 0``. Parts: SAM's
+    ascent and combine, schedule :class:`EveryK`
+    (docs/algorithms.md#7-looksam).
 
     Args:
-        params: parameters or param-group dicts (per-group options allowed).
-        base_optimizer: a ``torch.optim.Optimizer`` class or an instance
-            built over the same parameters.
-        k: period of the SAM steps, an int >= 1 (default 5). One value for
-            the whole optimizer (not per group); it is not part of the state
-            dict: build a resumed optimizer with the same ``k``.
-        rho, adaptive, eta, centralize, norm_eps: SAM's per-group options
-            (defaults 0.05, False, 0.01, False, 1e-12), used on SAM steps.
-        max_grad_norm: clip the direction handed to the base optimizer to
-            this global norm (default None).
-        foreach: multi-tensor kernels (None: on where supported).
-        model: the module, so that ``step(closure)`` keeps BatchNorm running
-            statistics from the perturbed pass.
-        **base_kwargs: the base optimizer's arguments.
+        k: period of the SAM steps, an int >= 1 (default 5), one value for
+            the whole optimizer.
+        rho: neighbourhood radius, used on SAM steps (default 0.05).
+        @shared_args@
 
     Cost: ``1 + 1/k`` forward-backward passes per step on average. Memory:
-    one copy of the parameters during a SAM step (the saved ``w``), none on
-    the other steps and none between steps.
+    one copy of the parameters during a SAM step, none otherwise.
 
-    Example::
-
-        opt = SAMEveryK(model.parameters(), torch.optim.SGD, k=5, rho=0.05, lr=0.1, momentum=0.9)
-        loss = opt.step(closure)  # closure: zero_grad, forward, backward, return loss
+    Example:
+        >>> import torch, flatminima
+        >>> model = torch.nn.Linear(4, 2)
+        >>> x, y = torch.randn(8, 4), torch.randn(8, 2)
+        >>> opt = flatminima.SAMEveryK(model.parameters(), torch.optim.SGD, k=2, rho=0.05, lr=0.1)
+        >>> def closure():
+        ...     opt.zero_grad()
+        ...     loss = torch.nn.functional.mse_loss(model(x), y)
+        ...     loss.backward()
+        ...     return loss
+        >>> for _ in range(4):
+        ...     loss = opt.step(closure)
+        >>> opt.perturbed_steps
+        2
 
     Reference:
         The "SAM every k steps" baseline of Liu, Mai, Chen, Hsieh, You.
@@ -67,42 +77,4 @@ class SAMEveryK(SAM):
     Departures: none; the SAM steps are those of :class:`flatminima.SAM`.
     """
 
-    method_options = SAM.method_options + ("k",)
-
-    def __init__(
-        self,
-        params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        base_optimizer: type[Optimizer] | Optimizer,
-        *,
-        k: int = 5,
-        rho: float = 0.05,
-        adaptive: bool = False,
-        eta: float = 0.01,
-        centralize: bool = False,
-        norm_eps: float = 1e-12,
-        max_grad_norm: float | None = None,
-        foreach: bool | None = None,
-        model: torch.nn.Module | None = None,
-        **base_kwargs: Any,
-    ) -> None:
-        self.k = V.positive_int("k", k)
-        super().__init__(
-            params,
-            base_optimizer,
-            rho=rho,
-            adaptive=adaptive,
-            eta=eta,
-            centralize=centralize,
-            norm_eps=norm_eps,
-            max_grad_norm=max_grad_norm,
-            foreach=foreach,
-            model=model,
-            **base_kwargs,
-        )
-        self.method_state["step"] = 0
-
-    def _perturb_this_step(self, ctx: StepContext) -> bool:
-        return self.method_state["step"] % self.k == 0
-
-    def _post_step(self, ctx: StepContext) -> None:
-        self.method_state["step"] += 1
+    schedule = EveryK()

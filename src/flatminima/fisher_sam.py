@@ -1,17 +1,37 @@
-"""Fisher SAM: the neighbourhood is a ball of the (diagonal) Fisher metric."""
+"""Fisher SAM: the neighbourhood is a ball of the (diagonal) Fisher metric (an ascent)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
-
-import torch
 from torch import Tensor
-from torch.optim import Optimizer
 
 from . import _tensorops as T
 from . import _validate as V
-from ._base import GroupView, SharpnessAware, StepContext
+from ._base import SharpnessAware
+from ._context import GroupView, StepContext
+from ._options import Option
+from ._parts import Ascent
+
+
+class Fisher(Ascent):
+    """``v = g / sqrt(f)``, finished to ``g / f``, with ``f = 1 + eta g^2``."""
+
+    name = "fisher"
+    options = {"eta": Option(1.0, V.non_negative, "weight of g^2 in the diagonal Fisher")}
+    reads_gradient = True
+
+    def needs_scratch(self, view: GroupView) -> bool:
+        return True  # sqrt(1 + eta g^2)
+
+    def vector(self, opt: SharpnessAware, ctx: StepContext, view: GroupView, scratch: list[Tensor]) -> bool:
+        if view.group["eta"] == 0.0:  # f = 1: SAM
+            return False
+        T.sqrt_one_plus_sq_(scratch, view.grads, view.group["eta"], ctx.foreach)
+        T.div_elementwise_(view.grads, scratch, ctx.foreach)
+        return True
+
+    def finish(self, opt: SharpnessAware, ctx: StepContext, view: GroupView, scratch: list[Tensor]) -> None:
+        if view.group["eta"] != 0.0:
+            T.div_elementwise_(view.grads, scratch, ctx.foreach)
 
 
 class FisherSAM(SharpnessAware):
@@ -29,26 +49,26 @@ class FisherSAM(SharpnessAware):
     is SAM with the same ``rho`` (bit for bit).
 
     Args:
-        params: parameters or param-group dicts (per-group options allowed).
-        base_optimizer: a ``torch.optim.Optimizer`` class or an instance
-            built over the same parameters.
         rho: radius ``gamma`` of the Fisher ball (default 0.1).
         eta: weight of ``g^2`` in the diagonal Fisher (default 1.0).
-        norm_eps: denominator offset ``eps0`` (default 1e-12).
-        max_grad_norm: clip the direction handed to the base optimizer to
-            this global norm (default None).
-        foreach: multi-tensor kernels (None: on where supported).
-        model: the module, so that ``step(closure)`` keeps BatchNorm running
-            statistics from the perturbed pass.
-        **base_kwargs: the base optimizer's arguments.
+        @shared_args@
 
     Memory: one copy of the parameters during the step (``sqrt(f)`` lives in
     the scratch buffer that then holds the saved ``w``), none between steps.
 
-    Example::
-
-        opt = FisherSAM(model.parameters(), torch.optim.SGD, rho=0.1, eta=1.0, lr=0.1, momentum=0.9)
-        loss = opt.step(closure)  # closure: zero_grad, forward, backward, return loss
+    Example:
+        >>> import torch, flatminima
+        >>> model = torch.nn.Linear(4, 2)
+        >>> x, y = torch.randn(8, 4), torch.randn(8, 2)
+        >>> opt = flatminima.FisherSAM(model.parameters(), torch.optim.SGD, rho=0.1, eta=1.0, lr=0.1)
+        >>> def closure():
+        ...     opt.zero_grad()
+        ...     loss = torch.nn.functional.mse_loss(model(x), y)
+        ...     loss.backward()
+        ...     return loss
+        >>> loss = opt.step(closure)
+        >>> opt.step_count
+        1
 
     Reference:
         Kim, Li, Hu, Hospedales. Fisher SAM: Information Geometry and
@@ -59,37 +79,5 @@ class FisherSAM(SharpnessAware):
     rescales ``F^-1 g`` to Euclidean norm ``rho``, a different radius).
     The exact (rho, eta) grid of the paper was not verified.
     """
-
-    group_checks = {"rho": V.non_negative, "eta": V.non_negative, "norm_eps": V.positive}
-
-    def __init__(
-        self,
-        params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        base_optimizer: type[Optimizer] | Optimizer,
-        *,
-        rho: float = 0.1,
-        eta: float = 1.0,
-        norm_eps: float = 1e-12,
-        max_grad_norm: float | None = None,
-        foreach: bool | None = None,
-        model: torch.nn.Module | None = None,
-        **base_kwargs: Any,
-    ) -> None:
-        defaults = dict(rho=rho, eta=eta, norm_eps=norm_eps)
-        super().__init__(
-            params, base_optimizer, defaults, model=model, max_grad_norm=max_grad_norm, foreach=foreach, **base_kwargs
-        )
-
-    def _needs_scratch(self, view: GroupView) -> bool:
-        return True  # 1 + eta g^2
-
-    def _ascent_vector(self, ctx: StepContext, view: GroupView, scratch: list[Tensor]) -> bool:
-        if view.group["eta"] == 0.0:  # f = 1: SAM
-            return False
-        T.sqrt_one_plus_sq_(scratch, view.grads, view.group["eta"], ctx.foreach)
-        T.div_elementwise_(view.grads, scratch, ctx.foreach)
-        return True
-
-    def _ascent_finish(self, ctx: StepContext, view: GroupView, scratch: list[Tensor]) -> None:
-        if view.group["eta"] != 0.0:
-            T.div_elementwise_(view.grads, scratch, ctx.foreach)
+    ascent = (Fisher(),)
+    option_defaults = {"rho": 0.1}

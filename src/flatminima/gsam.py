@@ -1,23 +1,62 @@
-"""GSAM: surrogate-gap guided SAM, with a radius that follows the learning rate."""
+"""GSAM: surrogate-gap guided SAM, with a radius that follows the learning rate (a combine)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
-import torch
 from torch import Tensor
-from torch.optim import Optimizer
-from torch.optim import lr_scheduler as S
 
+from . import _lr_range as R
 from . import _tensorops as T
 from . import _validate as V
-from ._base import GroupView, SharpnessAware, StepContext, total
-from .sam import ascent_finish, ascent_vector
+from ._base import SharpnessAware
+from ._context import GroupView, StepContext, total
+from ._options import Option
+from ._parts import Combine
+from .asam import Adaptive
 
-#: group key holding the lr seen at the first step when no ``lr_max`` and no
-#: scheduler's ``initial_lr`` is available (saved with the param groups)
-RECORDED_LR_MAX = "recorded_lr_max"
+RECORDED_LR_MAX = R.RECORDED_LR_MAX
+
+
+class SurrogateGap(Combine):
+    """``d = g_p - alpha g_perp``, ``g_perp = g - <g, g_p>/(||g_p||^2 + eps0) g_p``; radius ``rho_t``."""
+
+    name = "gsam"
+    options = {
+        "rho_min": Option(None, V.optional_non_negative, "the radius at lr_min (None: constant rho)"),
+        "alpha": Option(0.4, V.non_negative, "weight of the surrogate-gap term"),
+        "lr_max": Option(None, V.optional_non_negative, "lr at which rho_t = rho"),
+        "lr_min": Option(None, V.optional_non_negative, "lr at which rho_t = rho_min"),
+    }
+    needs_clean_grad = True
+
+    def check_group(self, group: Mapping[str, Any]) -> None:
+        rho, rho_min, lr_max, lr_min = group["rho"], group["rho_min"], group["lr_max"], group["lr_min"]
+        if rho_min is not None and rho_min > rho:
+            raise ValueError(f"Invalid rho_min value: {rho_min} (must be <= rho = {rho})")
+        if lr_max is not None and lr_min is not None and lr_min > lr_max:
+            raise ValueError(f"Invalid lr_min value: {lr_min} (must be <= lr_max = {lr_max})")
+
+    def radius(self, opt: SharpnessAware, ctx: StepContext, view: GroupView, radius: Any) -> Any:
+        return R.current_rho(view.group)
+
+    def combine(self, opt: SharpnessAware, ctx: StepContext) -> None:
+        fe = ctx.foreach
+        active = [v for v in ctx.groups if v.group["alpha"] != 0.0 and v.params]
+        if active:
+            inner = total([T.dot(v.clean, v.grads, fe) for v in ctx.groups])  # type: ignore[arg-type]
+            gp_sq = total(ctx.perturbed_sq or [])
+            for v in active:
+                coef = inner / (gp_sq + v.group["norm_eps"])
+                T.axpby_(v.clean, 1.0, v.grads, -coef, fe)  # type: ignore[arg-type]  # g_perp, in g's buffer
+                T.add_(v.grads, v.clean, fe, alpha=-v.group["alpha"])  # type: ignore[arg-type]
+        for v in ctx.groups:
+            v.clean = None
+
+    def post_step(self, opt: SharpnessAware, ctx: StepContext) -> None:
+        for v in ctx.groups:
+            R.record_lr_max(v.group)
 
 
 class GSAM(SharpnessAware):
@@ -50,38 +89,34 @@ class GSAM(SharpnessAware):
       peak is not ``initial_lr`` (``OneCycleLR``, ``CyclicLR``).
 
     Args:
-        params: parameters or param-group dicts (per-group options allowed).
-        base_optimizer: a ``torch.optim.Optimizer`` class or an instance
-            built over the same parameters.
         rho: the radius, ``rho_max`` of the schedule (default 0.05).
         rho_min: the radius at ``lr_min`` (default None: constant ``rho``);
             must not exceed ``rho``.
         alpha: weight of the surrogate-gap term, >= 0 (default 0.4).
-        adaptive: use ASAM's operator ``T_w = |w| + eta`` for ``eps``
-            (default False).
-        eta: ASAM's offset (default 0.01).
         lr_max: lr at which ``rho_t = rho`` (default None: see above).
         lr_min: lr at which ``rho_t = rho_min`` (default None: 0.0).
-        norm_eps: denominator offset ``eps0`` (default 1e-12).
-        max_grad_norm: clip the direction handed to the base optimizer to
-            this global norm (default None).
-        foreach: multi-tensor kernels (None: on where supported).
-        model: the module, so that ``step(closure)`` keeps BatchNorm running
-            statistics from the perturbed pass.
-        **base_kwargs: the base optimizer's arguments.
+        @shared_args@
 
     Memory: two copies of the parameters during the step (the saved ``w``
     and the clean gradient ``g``, which then holds ``g_perp``), none between
     steps.
 
-    Example::
-
-        opt = GSAM(model.parameters(), torch.optim.AdamW, rho=0.6, rho_min=0.0, alpha=0.4, lr=3e-3)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=300, eta_min=3e-5)
-        opt.set_lr_range(sched)            # lr_max = 3e-3, lr_min = 3e-5
-        for x, y in loader:
-            opt.step(closure)
-            sched.step()
+    Example:
+        >>> import torch, flatminima
+        >>> model = torch.nn.Linear(4, 2)
+        >>> x, y = torch.randn(8, 4), torch.randn(8, 2)
+        >>> opt = flatminima.GSAM(model.parameters(), torch.optim.AdamW, rho=0.6, rho_min=0.0, alpha=0.4, lr=3e-3)
+        >>> sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=300, eta_min=3e-5)
+        >>> opt.set_lr_range(sched)            # lr_max = 3e-3, lr_min = 3e-5
+        [(3e-05, 0.003)]
+        >>> def closure():
+        ...     opt.zero_grad()
+        ...     loss = torch.nn.functional.mse_loss(model(x), y)
+        ...     loss.backward()
+        ...     return loss
+        >>> loss = opt.step(closure); sched.step()
+        >>> round(float(opt.current_rho(opt.param_groups[0])), 6)   # rho_t follows the lr down
+        0.599985
 
     Reference:
         Zhuang, Gong, Yuan, Cui, Adam, Dvornek, Tatikonda, Duncan, Liu.
@@ -99,172 +134,15 @@ class GSAM(SharpnessAware):
     (the official scheduler extrapolates). The radius follows the lr of
     each group instead of a separate ``ProportionScheduler`` object.
     """
-
-    keeps_clean_grad = True
-    group_checks = {
-        "rho": V.non_negative,
-        "rho_min": V.optional_non_negative,
-        "alpha": V.non_negative,
-        "adaptive": V.flag,
-        "eta": V.non_negative,
-        "lr_max": V.optional_non_negative,
-        "lr_min": V.optional_non_negative,
-        "norm_eps": V.positive,
-    }
-
-    def __init__(
-        self,
-        params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        base_optimizer: type[Optimizer] | Optimizer,
-        *,
-        rho: float = 0.05,
-        rho_min: float | None = None,
-        alpha: float = 0.4,
-        adaptive: bool = False,
-        eta: float = 0.01,
-        lr_max: float | None = None,
-        lr_min: float | None = None,
-        norm_eps: float = 1e-12,
-        max_grad_norm: float | None = None,
-        foreach: bool | None = None,
-        model: torch.nn.Module | None = None,
-        **base_kwargs: Any,
-    ) -> None:
-        defaults = dict(
-            rho=rho, rho_min=rho_min, alpha=alpha, adaptive=adaptive, eta=eta, lr_max=lr_max, lr_min=lr_min, norm_eps=norm_eps
-        )
-        super().__init__(
-            params, base_optimizer, defaults, model=model, max_grad_norm=max_grad_norm, foreach=foreach, **base_kwargs
-        )
-
-    def _check_group(self, group: Mapping[str, Any]) -> None:
-        super()._check_group(group)
-        rho, rho_min = group["rho"], group["rho_min"]
-        if rho_min is not None and rho_min > rho:
-            raise ValueError(f"Invalid rho_min value: {rho_min} (must be <= rho = {rho})")
-        lr_max, lr_min = group["lr_max"], group["lr_min"]
-        if lr_max is not None and lr_min is not None and lr_min > lr_max:
-            raise ValueError(f"Invalid lr_min value: {lr_min} (must be <= lr_max = {lr_max})")
-
-    # ------------------------------------------------------------------ the radius schedule
-    @staticmethod
-    def lr_range(group: Mapping[str, Any]) -> tuple[Any, Any]:
-        """``(lr_min, lr_max)`` the schedule of this group uses now."""
-        lr_max = group["lr_max"]
-        if lr_max is None:
-            lr_max = group.get("initial_lr", group.get(RECORDED_LR_MAX))
-        if lr_max is None:
-            lr_max = group["lr"]  # first step: recorded by _post_step
-        lr_min = 0.0 if group["lr_min"] is None else group["lr_min"]
-        return lr_min, lr_max
+    ascent = (Adaptive(),)
+    combine = SurrogateGap()
+    lr_range = staticmethod(R.lr_range)
 
     def current_rho(self, group: Mapping[str, Any]) -> float | Tensor:
         """The radius ``rho_t`` a step would use now in ``group`` (for logging)."""
-        rho, rho_min = group["rho"], group["rho_min"]
-        if rho_min is None:
-            return rho
-        lr_min, lr_max = self.lr_range(group)
-        if lr_max == lr_min:
-            return rho
-        if lr_max < lr_min:
-            raise ValueError(
-                f"GSAM: lr_max ({float(lr_max)}) is below lr_min ({float(lr_min)}) in a param group; "
-                "pass lr_max= and lr_min= (or call set_lr_range(scheduler))"
-            )
-        ratio = (group["lr"] - lr_min) / (lr_max - lr_min)
-        ratio = ratio.clamp(0.0, 1.0) if isinstance(ratio, Tensor) else min(max(ratio, 0.0), 1.0)
-        return rho_min + (rho - rho_min) * ratio
-
-    def _radius(self, ctx: StepContext, view: GroupView) -> float | Tensor:
-        return self.current_rho(view.group)
+        return R.current_rho(group)
 
     def set_lr_range(self, scheduler: Any) -> list[tuple[float, float]]:
-        """Set ``lr_min``/``lr_max`` of every group from a torch LR scheduler.
+        return R.set_lr_range(self, scheduler)
 
-        Known: ``CosineAnnealingLR``, ``CosineAnnealingWarmRestarts``
-        (``eta_min``), ``LinearLR``, ``ConstantLR`` (start/end factors),
-        ``OneCycleLR`` (``max_lr``, ``min_lr``), ``CyclicLR`` (``base_lr``,
-        ``max_lr``), ``PolynomialLR``, ``StepLR``, ``MultiStepLR``,
-        ``ExponentialLR`` (``lr_min = 0``: their floor depends on the run's
-        length), ``ReduceLROnPlateau`` (the current lr and ``min_lr``) and
-        ``SequentialLR`` (the union of its schedulers' ranges). Call it once,
-        right after building the scheduler. Returns the ``(lr_min, lr_max)``
-        of each group. Other schedulers raise TypeError: pass ``lr_max=`` and
-        ``lr_min=`` to GSAM instead.
-        """
-        optimizer = getattr(scheduler, "optimizer", None)
-        if optimizer is None or optimizer.param_groups is not self.param_groups:
-            raise ValueError("set_lr_range: the scheduler does not drive this optimizer (or its base optimizer)")
-        ranges = _scheduler_ranges(scheduler)
-        for group, (lo, hi) in zip(self.param_groups, ranges):
-            update = {**group, "lr_min": lo, "lr_max": hi}
-            self._check_group(update)
-            group["lr_min"], group["lr_max"] = lo, hi
-        return ranges
-
-    # ------------------------------------------------------------------ hooks
-    def _ascent_vector(self, ctx: StepContext, view: GroupView, scratch: list[Tensor]) -> bool:
-        return ascent_vector(ctx, view, scratch)
-
-    def _ascent_finish(self, ctx: StepContext, view: GroupView, scratch: list[Tensor]) -> None:
-        ascent_finish(ctx, view, scratch)
-
-    def _combine(self, ctx: StepContext) -> None:
-        fe = ctx.foreach
-        active = [v for v in ctx.groups if v.group["alpha"] != 0.0 and v.params]
-        if active:
-            inner = total([T.dot(v.clean, v.grads, fe) for v in ctx.groups])  # type: ignore[arg-type]
-            assert ctx.perturbed_sq is not None
-            gp_sq = total(ctx.perturbed_sq)
-            for v in active:
-                assert v.clean is not None
-                coef = inner / (gp_sq + v.group["norm_eps"])
-                T.axpby_(v.clean, 1.0, v.grads, -coef, fe)  # g_perp, in g's buffer
-                T.add_(v.grads, v.clean, fe, alpha=-v.group["alpha"])  # g_p - alpha g_perp
-        for v in ctx.groups:
-            v.clean = None
-
-    def _post_step(self, ctx: StepContext) -> None:
-        for v in ctx.groups:
-            group = v.group
-            if group["rho_min"] is None or group["lr_max"] is not None:
-                continue
-            if "initial_lr" in group or RECORDED_LR_MAX in group:
-                continue
-            lr = group["lr"]
-            group[RECORDED_LR_MAX] = float(lr.item() if isinstance(lr, Tensor) else lr)
-
-
-def _as_float(value: Any) -> float:
-    return float(value.item() if isinstance(value, Tensor) else value)
-
-
-def _scheduler_ranges(scheduler: Any) -> list[tuple[float, float]]:
-    """Per-group ``(lr_min, lr_max)`` a torch LR scheduler moves the lr within."""
-    groups = scheduler.optimizer.param_groups
-    base = [_as_float(b) for b in getattr(scheduler, "base_lrs", [])]
-
-    def factors(low: float, high: float) -> list[tuple[float, float]]:
-        return [(b * min(low, high), b * max(low, high)) for b in base]
-
-    if isinstance(scheduler, (S.CosineAnnealingLR, S.CosineAnnealingWarmRestarts)):
-        return [(min(scheduler.eta_min, b), max(scheduler.eta_min, b)) for b in base]
-    if isinstance(scheduler, S.LinearLR):
-        return factors(scheduler.start_factor, scheduler.end_factor)
-    if isinstance(scheduler, S.ConstantLR):
-        return factors(scheduler.factor, 1.0)
-    if isinstance(scheduler, S.OneCycleLR):
-        return [(_as_float(g["min_lr"]), _as_float(g["max_lr"])) for g in groups]
-    if isinstance(scheduler, S.CyclicLR):
-        return [(b, _as_float(m)) for b, m in zip(base, scheduler.max_lrs)]
-    if isinstance(scheduler, (S.PolynomialLR, S.StepLR, S.MultiStepLR, S.ExponentialLR)):
-        return [(0.0, b) for b in base]
-    if isinstance(scheduler, S.ReduceLROnPlateau):
-        return [(_as_float(m), _as_float(g["lr"])) for m, g in zip(scheduler.min_lrs, groups)]
-    if isinstance(scheduler, S.SequentialLR):
-        parts = [_scheduler_ranges(s) for s in scheduler._schedulers]
-        return [(min(r[i][0] for r in parts), max(r[i][1] for r in parts)) for i in range(len(groups))]
-    raise TypeError(
-        f"set_lr_range does not know the lr range of {type(scheduler).__name__}; "
-        "pass lr_max= and lr_min= to GSAM instead"
-    )
+    set_lr_range.__doc__ = R.set_lr_range.__doc__

@@ -21,6 +21,7 @@ from .fisher_sam import FisherSAM
 from .friendly_sam import FriendlySAM
 from .gsam import GSAM
 from .looksam import LookSAM
+from .momentum_sam import MomentumSAM
 from .sam import SAM
 from .vasso import VaSSO
 from .wsam import WSAM
@@ -51,8 +52,8 @@ class MethodSpec:
 
     def defaults(self) -> dict[str, Any]:
         """The method's hyperparameters and their defaults (class defaults + preset)."""
-        sig = inspect.signature(self.cls.__init__)
-        skip = {"self", "params", "base_optimizer", "model", "foreach", "base_kwargs"}
+        sig = inspect.signature(self.cls)
+        skip = {"self", "params", "base_optimizer", "model", "foreach", "sync_perturbations", "base_kwargs"}
         out = {
             n: p.default
             for n, p in sig.parameters.items()
@@ -221,5 +222,15 @@ register(
         "Jiang et al., ICLR 2023, arXiv:2304.14647",
         passes_per_step=1.5,  # 1 + r at the default r = 0.5
         doc="docs/methods/ae_sam.md",
+    )
+)
+register(
+    MethodSpec(
+        "momentum_sam",
+        MomentumSAM,
+        "Momentum-SAM: eps = -rho m/||m|| from the base optimizer's momentum m, one pass per step",
+        "Becker et al., arXiv:2401.12033",
+        passes_per_step=1.0,
+        doc="docs/methods/momentum_sam.md",
     )
 )

@@ -217,7 +217,13 @@ def build_optimizer(
     try:
         if method.plain:
             return cls(model.parameters(), **base)
-        changed = {k: v for k, v in hp.items() if flatminima.get_method(method.name).defaults().get(k, object()) != v}
+        spec = flatminima.get_method(method.name)
+        if cfg.m_sharpness is not None and spec.cls.pre_pass:
+            raise ConfigError(
+                f"--m-sharpness does not apply to {method.name}: it perturbs from the base optimizer's momentum, "
+                "before any pass, so every chunk would get the same eps; drop --m-sharpness for it"
+            )
+        changed = {k: v for k, v in hp.items() if spec.defaults().get(k, object()) != v}
         return flatminima.create(
             method.name, model.parameters(), cls, model=model if module is None else module,
             sync_perturbations=cfg.m_sharpness is None, **changed, **base,

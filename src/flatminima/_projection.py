@@ -1,0 +1,68 @@
+"""LookSAM's projection: the part of ``g_s`` orthogonal to ``g``, with its norm read once.
+
+``g_v = g_s - <g, g_s> / ||g||^2 * g`` (``g_s`` where ``g = 0``), globally or
+per tensor. A ``g_v`` at rounding level, ``||g_v|| <= 4 eps_dtype ||g_s||``, is
+noise of the subtraction (a 1-element tensor's orthogonal part is exactly 0)
+and is set to 0: the reuse step would scale it up.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from . import _tensorops as T
+from ._context import StepContext, total
+
+
+def host_floats(values: list[Tensor]) -> list[float]:
+    """0-dim tensors as Python floats, with one device synchronisation."""
+    if not values:
+        return []
+    device = values[0].device
+    return torch.stack([x.to(device=device, dtype=torch.float64) for x in values]).tolist()
+
+
+def _ratio(inner: Tensor, g_sq: Tensor) -> Tensor:
+    """``<g, g_s> / ||g||^2``, 0 where ``g = 0`` (no offset: an offset would
+    leave a part of ``g_s`` parallel to ``g`` in ``g_v``)."""
+    return torch.where(g_sq > 0, inner / torch.where(g_sq > 0, g_sq, torch.ones_like(g_sq)), torch.zeros_like(g_sq))
+
+
+def _tolerance(tensors: list[Tensor]) -> float:
+    """4 machine epsilons of the least precise dtype among ``tensors``."""
+    return 4.0 * max((torch.finfo(t.dtype).eps for t in tensors), default=0.0)
+
+
+def orthogonal_part_(ctx: StepContext, layerwise: bool) -> float | dict[Tensor, float]:
+    """Turn each kept clean gradient (``view.clean``) into ``g_v`` in place, with
+    ``g_s`` in ``view.grads``; return ``||g_v||`` (per parameter when ``layerwise``)."""
+    fe = ctx.foreach
+    if not layerwise:
+        inner = total([T.dot(v.clean, v.grads, fe) for v in ctx.groups])  # type: ignore[arg-type]
+        coef = -_ratio(inner, total(ctx.grad_sq))
+        for v in ctx.groups:
+            T.axpby_(v.clean, coef, v.grads, 1.0, fe)  # type: ignore[arg-type]
+        gv_sq = total([T.sum_of_squares(v.clean, fe) for v in ctx.groups])  # type: ignore[arg-type]
+        gv_norm, gs_norm = (math.sqrt(x) for x in host_floats([gv_sq, total(ctx.perturbed_sq or [])]))
+        if gv_norm <= _tolerance([t for v in ctx.groups for t in v.params]) * gs_norm:
+            for v in ctx.groups:
+                T.zero_(v.clean, fe)  # type: ignore[arg-type]
+            gv_norm = 0.0
+        return gv_norm
+    norms: dict[Tensor, float] = {}
+    for v in ctx.groups:
+        clean: list[Tensor] = v.clean  # type: ignore[assignment]
+        inner, g_sq = T.dots(clean, v.grads, fe), T.dots(clean, clean, fe)
+        T.mul_each_(clean, [-_ratio(i, s) for i, s in zip(inner, g_sq)], fe)
+        T.add_(clean, v.grads, fe)
+        gv_norm = [math.sqrt(x) for x in host_floats(T.dots(clean, clean, fe))]
+        gs_norm = [math.sqrt(x) for x in host_floats(T.dots(v.grads, v.grads, fe))]
+        drop = [i for i, (a, b, t) in enumerate(zip(gv_norm, gs_norm, clean)) if a <= _tolerance([t]) * b]
+        T.zero_([clean[i] for i in drop], fe)
+        for i in drop:
+            gv_norm[i] = 0.0
+        norms.update(zip(v.params, gv_norm))
+    return norms
