@@ -43,7 +43,8 @@ def split_param_groups(
     if rule not in ("bias_and_norm", "asam"):
         raise ValueError(f"Invalid rule value: {rule!r} (expected 'bias_and_norm' or 'asam')")
     seen: set[int] = set()
-    main, rest = [], []
+    main: list[nn.Parameter] = []
+    rest: list[nn.Parameter] = []
     for module_name, module in model.named_modules():
         for name, p in module.named_parameters(recurse=False):
             if id(p) in seen:

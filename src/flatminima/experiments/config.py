@@ -47,7 +47,10 @@ DEFAULT_METHODS = ("sgd", "sam:rho=0.3", "asam:rho=3.0", "wsam:rho=0.3")
 def _f(default: Any, kind: str, help: str, **extra: Any) -> Any:
     meta = {"kind": kind, "help": help, **extra}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+        def fresh_copy() -> Any:
+            return type(default)(default)
+
+        return field(default_factory=fresh_copy, metadata=meta)
     return field(default=default, metadata=meta)
 
 

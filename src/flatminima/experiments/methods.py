@@ -52,7 +52,7 @@ def optimizer_class(name: str) -> type[Optimizer]:
         raise ConfigError(f"unknown optimizer {name!r}; choose from {', '.join(torch_optimizers())}") from None
 
 
-def _signature_keys(cls: type) -> set[str]:
+def _signature_keys(cls: type[Optimizer]) -> set[str]:
     return {
         n
         for n, p in inspect.signature(cls.__init__).parameters.items()
@@ -121,12 +121,12 @@ def resolve_methods(cfg: ExperimentConfig) -> list[Method]:
     options and hyperparameters, and the base optimizer."""
     optimizer_class(cfg.optimizer)
     names: list[str] = []
-    for m in cfg.methods:
-        if m.strip().lower() == "all":
+    for entry in cfg.methods:
+        if entry.strip().lower() == "all":
             names += ["base", *flatminima.list_methods()]
         else:
-            names.append(m)
-    methods = [parse_method(m, cfg) for m in names]
+            names.append(entry)
+    methods = [parse_method(n, cfg) for n in names]
     seen: dict[str, str] = {}
     for m in methods:
         if m.label in seen:

@@ -65,7 +65,7 @@ def _num(v: Any) -> float | None:
     return float(v)
 
 
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
+def mean_std(values: Sequence[float | None]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for a single value); NaN if empty."""
     vals = [v for v in values if v is not None and math.isfinite(v)]
     if not vals:
@@ -98,8 +98,10 @@ def summarize(runs: Iterable[RunResult], labels: Sequence[str] | None = None,
         rows.append(row)
     base = next((r for r in rows if r["method"] == baseline), None)
     for row in rows:
-        ok = base is not None and row.get("steps_per_sec") and base.get("steps_per_sec")
-        row["cost"] = base["steps_per_sec"] / row["steps_per_sec"] if ok else None
+        if base is not None and row.get("steps_per_sec") and base.get("steps_per_sec"):
+            row["cost"] = base["steps_per_sec"] / row["steps_per_sec"]
+        else:
+            row["cost"] = None
     return rows
 
 

@@ -47,7 +47,7 @@ def trainable_parameters(model: ModelLike) -> list[Tensor]:
     """The tensors a measure differentiates by: ``requires_grad`` parameters
     of a module, or the given tensors (each must require grad)."""
     if isinstance(model, nn.Module):
-        params = [p for p in model.parameters() if p.requires_grad]
+        params: list[Tensor] = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError(f"model {type(model).__name__} has no trainable parameters (requires_grad=True)")
         return params
