@@ -277,11 +277,10 @@ def closure_form(method: Method) -> str:
     the gradients, forward, backward, return the loss) or ``"per_sample"``
     (``closure(indices=None)`` returns the unreduced losses of the batch, or
     of the samples ``indices``, and the optimizer runs backward). Read from
-    the method's registry record (``closure``) or class (``closure_form``)."""
+    the method's registry record (:attr:`flatminima.registry.MethodSpec.closure`)."""
     if method.plain:
         return "loss"
-    spec = flatminima.get_method(method.name)
-    form = getattr(spec, "closure", None) or getattr(spec.cls, "closure_form", None) or "loss"
+    form = flatminima.get_method(method.name).closure
     if form not in ("loss", "per_sample"):
         raise ExperimentError(f"method {method.name!r} declares an unknown closure form {form!r}")
     return form
