@@ -91,7 +91,15 @@ def _split_top_level(text: str) -> list[str]:
 
 
 def parse_method(text: str, cfg: ExperimentConfig) -> Method:
-    """Parse ``NAME`` or ``NAME:key=value,...`` (names are case-insensitive)."""
+    """Parse ``NAME`` or ``NAME:key=value,...`` (names are case-insensitive).
+
+    >>> from flatminima.experiments.config import ExperimentConfig
+    >>> parse_method("SAM:rho=0.1,adaptive=true", ExperimentConfig())
+    Method(label='SAM:rho=0.1,adaptive=true', name='sam', sharpness_aware=True,
+           options={'rho': 0.1, 'adaptive': True}, optimizer='sgd')
+    >>> parse_method("adam", ExperimentConfig()).plain
+    True
+    """
     if not isinstance(text, str) or not text.strip():
         raise ConfigError(f"a method must be a non-empty name, got {text!r}")
     name, _, rest = text.strip().partition(":")

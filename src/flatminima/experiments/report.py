@@ -66,7 +66,14 @@ def _num(v: Any) -> float | None:
 
 
 def mean_std(values: Sequence[float | None]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value); NaN if empty."""
+    """Mean and sample standard deviation (0 for a single value); NaN if empty.
+    ``None`` and non-finite values are left out.
+
+    >>> mean_std([1.0, 2.0, 3.0, None])
+    (2.0, 1.0)
+    >>> mean_std([0.5])
+    (0.5, 0.0)
+    """
     vals = [v for v in values if v is not None and math.isfinite(v)]
     if not vals:
         return math.nan, math.nan

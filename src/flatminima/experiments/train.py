@@ -141,7 +141,12 @@ class Reporter(Protocol):
 
 # --------------------------------------------------------------------------- pieces
 def lr_factor(total_steps: int, warmup_steps: int, schedule: str, min_ratio: float) -> Callable[[int], float]:
-    """Linear warm-up to 1 over ``warmup_steps``, then cosine down to ``min_ratio`` (or constant)."""
+    """Linear warm-up to 1 over ``warmup_steps``, then cosine down to ``min_ratio`` (or constant).
+
+    >>> f = lr_factor(100, 10, "cosine", 0.0)
+    >>> [round(f(step), 3) for step in (0, 9, 10, 55, 99)]
+    [0.1, 1.0, 1.0, 0.5, 0.0]
+    """
 
     def factor(step: int) -> float:
         if step < warmup_steps:
