@@ -355,8 +355,10 @@ def train_run(
 
         x_train, x_test = data.x_train.to(device), data.x_test.to(device)
         y_noisy_d, corrupted_d = y_noisy.to(device), corrupted.to(device)
-        sampler: DistributedSampler[int] = DistributedSampler(_Sized(len(x_train)), num_replicas=info.world_size, rank=info.rank,
-                                     shuffle=True, seed=derive_seed(seed, SEED_ORDER), drop_last=False)
+        sampler: DistributedSampler[int] = DistributedSampler(
+            _Sized(len(x_train)), num_replicas=info.world_size, rank=info.rank,
+            shuffle=True, seed=derive_seed(seed, SEED_ORDER), drop_last=False,
+        )
         local_batch = cfg.batch_size // info.world_size
         n_local = len(sampler)
         steps_per_epoch = math.ceil(n_local / local_batch)
