@@ -7,7 +7,7 @@ VPY    := $(VENV)/bin/python
 PIP    := $(VPY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test demo bench clean distclean
+.PHONY: venv test typecheck demo bench clean distclean
 
 venv: $(STAMP)
 
@@ -21,6 +21,9 @@ $(STAMP): pyproject.toml constraints.txt
 
 test: venv
 	$(VPY) -m pytest -n 2 -q
+
+typecheck: venv
+	$(VPY) -m mypy
 
 # The default comparison of the `flatminima` command (SGD, SAM, ASAM, WSAM on
 # MNIST-1D with 30% noisy labels, 3 seeds); results in runs/<timestamp>/.

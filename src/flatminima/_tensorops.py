@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
+from typing import overload
 
 import torch
 from torch import Tensor
@@ -45,6 +46,10 @@ def _grouped(*lists: TensorList) -> list[tuple[list[Tensor], ...]]:
     return list(buckets.values())
 
 
+@overload
+def _on(scale: Tensor, device: torch.device) -> Tensor: ...
+@overload
+def _on(scale: float, device: torch.device) -> float: ...
 def _on(scale: Scalar, device: torch.device) -> Scalar:
     return scale.to(device, non_blocking=True) if isinstance(scale, Tensor) else scale
 

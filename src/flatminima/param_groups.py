@@ -31,19 +31,32 @@ def split_param_groups(
     contain ``"weight"`` — exactly the official ASAM code's scope (so
     BatchNorm's gamma *is* normalised there).
 
-    ASAM with the official scope, in one line::
-
-        opt = flatminima.SAM(split_param_groups(model, rule="asam", others={"adaptive": False}),
-                             torch.optim.SGD, adaptive=True, rho=0.5, lr=0.1)
-
     Shared parameters appear once. Empty groups are dropped.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> import flatminima
+    >>> model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
+    >>> groups = split_param_groups(model, others={"weight_decay": 0.0})
+    >>> [len(g["params"]) for g in groups]  # the two Linear weights; biases and BatchNorm's
+    [2, 4]
+    >>> groups[1]["weight_decay"]
+    0.0
+
+    ASAM with the official scope (BatchNorm's weight normalised too), in one line:
+
+    >>> opt = flatminima.SAM(split_param_groups(model, rule="asam", others={"adaptive": False}),
+    ...                      torch.optim.SGD, adaptive=True, rho=0.5, lr=0.1)
+    >>> [(len(g["params"]), g["adaptive"]) for g in opt.param_groups]
+    [(3, True), (3, False)]
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if rule not in ("bias_and_norm", "asam"):
         raise ValueError(f"Invalid rule value: {rule!r} (expected 'bias_and_norm' or 'asam')")
     seen: set[int] = set()
-    main, rest = [], []
+    main: list[nn.Parameter] = []
+    rest: list[nn.Parameter] = []
     for module_name, module in model.named_modules():
         for name, p in module.named_parameters(recurse=False):
             if id(p) in seen:

@@ -353,7 +353,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     from .methods import torch_optimizers
     from .models import MODELS
 
-    methods = []
+    methods: list[dict[str, Any]] = []
     for name in flatminima.list_methods():
         spec = flatminima.get_method(name)
         methods.append({"name": name, "class": spec.cls.__name__, "summary": spec.summary, "paper": spec.paper,

@@ -27,6 +27,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TypedDict
 
 import numpy as np
 import torch
@@ -211,7 +212,9 @@ def _atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
+            # allow_pickle spelled out (its default) so the typed stubs do not
+            # read ``**arrays`` as possibly binding it.
+            np.savez(f, allow_pickle=True, **arrays)
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -249,8 +252,22 @@ def load_digits() -> Dataset:
 
 
 # --------------------------------------------------------------------------- CIFAR
-_CIFAR = {
-    "cifar10": dict(
+class _CifarSpec(TypedDict):
+    title: str
+    folder: str
+    archive: str
+    train: list[str]
+    test: list[str]
+    meta: str
+    label_key: str
+    names_key: str
+    classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+_CIFAR: dict[str, _CifarSpec] = {
+    "cifar10": _CifarSpec(
         title="CIFAR-10",
         folder="cifar-10-batches-py",
         archive="cifar-10-python.tar.gz",
@@ -263,7 +280,7 @@ _CIFAR = {
         mean=CIFAR10_MEAN,
         std=CIFAR10_STD,
     ),
-    "cifar100": dict(
+    "cifar100": _CifarSpec(
         title="CIFAR-100",
         folder="cifar-100-python",
         archive="cifar-100-python.tar.gz",
@@ -340,7 +357,7 @@ def load_cifar(name: str, data_dir: str | os.PathLike[str] | None) -> Dataset:
     """CIFAR-10 or CIFAR-100 from the python-pickle layout in ``data_dir``."""
     spec = _CIFAR[name]
     folder = find_cifar_dir(name, data_dir)
-    parts = {}
+    parts: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for split in ("train", "test"):
         xs, ys = zip(*(_read_cifar_part(folder / f, spec["label_key"], spec["classes"]) for f in spec[split]))
         parts[split] = (np.concatenate(xs), np.concatenate(ys))

@@ -52,7 +52,7 @@ def optimizer_class(name: str) -> type[Optimizer]:
         raise ConfigError(f"unknown optimizer {name!r}; choose from {', '.join(torch_optimizers())}") from None
 
 
-def _signature_keys(cls: type) -> set[str]:
+def _signature_keys(cls: type[Optimizer]) -> set[str]:
     return {
         n
         for n, p in inspect.signature(cls.__init__).parameters.items()
@@ -91,7 +91,15 @@ def _split_top_level(text: str) -> list[str]:
 
 
 def parse_method(text: str, cfg: ExperimentConfig) -> Method:
-    """Parse ``NAME`` or ``NAME:key=value,...`` (names are case-insensitive)."""
+    """Parse ``NAME`` or ``NAME:key=value,...`` (names are case-insensitive).
+
+    >>> from flatminima.experiments.config import ExperimentConfig
+    >>> parse_method("SAM:rho=0.1,adaptive=true", ExperimentConfig())
+    Method(label='SAM:rho=0.1,adaptive=true', name='sam', sharpness_aware=True,
+           options={'rho': 0.1, 'adaptive': True}, optimizer='sgd')
+    >>> parse_method("adam", ExperimentConfig()).plain
+    True
+    """
     if not isinstance(text, str) or not text.strip():
         raise ConfigError(f"a method must be a non-empty name, got {text!r}")
     name, _, rest = text.strip().partition(":")
@@ -121,12 +129,12 @@ def resolve_methods(cfg: ExperimentConfig) -> list[Method]:
     options and hyperparameters, and the base optimizer."""
     optimizer_class(cfg.optimizer)
     names: list[str] = []
-    for m in cfg.methods:
-        if m.strip().lower() == "all":
+    for entry in cfg.methods:
+        if entry.strip().lower() == "all":
             names += ["base", *flatminima.list_methods()]
         else:
-            names.append(m)
-    methods = [parse_method(m, cfg) for m in names]
+            names.append(entry)
+    methods = [parse_method(n, cfg) for n in names]
     seen: dict[str, str] = {}
     for m in methods:
         if m.label in seen:

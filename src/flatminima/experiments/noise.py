@@ -39,7 +39,14 @@ def check_noise(rate: float, kind: str) -> None:
 def corrupt_labels(
     labels: Tensor, rate: float, kind: str = "symmetric", num_classes: int | None = None, seed: int = 0
 ) -> tuple[Tensor, Tensor]:
-    """Return ``(noisy_labels, corrupted_mask)``; ``labels`` is left as it was."""
+    """Return ``(noisy_labels, corrupted_mask)``; ``labels`` is left as it was.
+
+    >>> import torch
+    >>> y = torch.arange(10) % 5
+    >>> noisy, corrupted = corrupt_labels(y, 0.3, num_classes=5, seed=0)
+    >>> int(corrupted.sum()), bool((noisy[corrupted] != y[corrupted]).all()), torch.equal(noisy[~corrupted], y[~corrupted])
+    (3, True, True)
+    """
     check_noise(rate, kind)
     y = labels.detach().cpu().numpy().astype(np.int64)
     k = int(num_classes if num_classes is not None else (y.max() + 1 if y.size else 0))

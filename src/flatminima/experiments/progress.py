@@ -4,10 +4,14 @@ accuracy on a terminal, plain lines otherwise (logs, pipes, CI)."""
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping
-from typing import Any, TextIO
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any, TextIO
 
 from .train import RunResult
+
+if TYPE_CHECKING:  # rich is optional (the cli extra); it is imported where used
+    from rich.console import RenderableType
+    from rich.progress import TaskID
 
 PROGRESS_MODES = ("auto", "rich", "plain", "none")
 
@@ -102,7 +106,7 @@ class RichReporter(NullReporter):
         class _Progress(Progress):  # the bars, then one line of live numbers under them
             info = ""
 
-            def get_renderables(self):  # type: ignore[override]
+            def get_renderables(self) -> Iterable[RenderableType]:
                 yield self.make_tasks_table(self.tasks)
                 if self.info:
                     yield Text(self.info, overflow="ellipsis", no_wrap=True)
@@ -114,8 +118,8 @@ class RichReporter(NullReporter):
         )
         self.epoch_lines = epoch_lines
         self.runs, self.epochs, self.index = 1, 0, 0
-        self.overall = None
-        self.task = None
+        self.overall: TaskID | None = None
+        self.task: TaskID | None = None
         self.last_test = ""
         self.closed = False
         self.progress.start()
@@ -141,6 +145,7 @@ class RichReporter(NullReporter):
     def step(self, epoch: int, step: int, loss: float, acc: float) -> None:
         done = (epoch - 1) * self.steps_per_epoch + step
         self.progress.info = f"epoch {epoch}/{self.current.epochs}  train loss {loss:.3f}  train acc {acc:.1f}%{self.last_test}"
+        assert self.task is not None, "step() before run_start()"
         self.progress.update(self.task, completed=done)
 
     def epoch_end(self, row: Mapping[str, Any]) -> None:

@@ -65,8 +65,15 @@ def _num(v: Any) -> float | None:
     return float(v)
 
 
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value); NaN if empty."""
+def mean_std(values: Sequence[float | None]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value); NaN if empty.
+    ``None`` and non-finite values are left out.
+
+    >>> mean_std([1.0, 2.0, 3.0, None])
+    (2.0, 1.0)
+    >>> mean_std([0.5])
+    (0.5, 0.0)
+    """
     vals = [v for v in values if v is not None and math.isfinite(v)]
     if not vals:
         return math.nan, math.nan
@@ -98,8 +105,10 @@ def summarize(runs: Iterable[RunResult], labels: Sequence[str] | None = None,
         rows.append(row)
     base = next((r for r in rows if r["method"] == baseline), None)
     for row in rows:
-        ok = base is not None and row.get("steps_per_sec") and base.get("steps_per_sec")
-        row["cost"] = base["steps_per_sec"] / row["steps_per_sec"] if ok else None
+        if base is not None and row.get("steps_per_sec") and base.get("steps_per_sec"):
+            row["cost"] = base["steps_per_sec"] / row["steps_per_sec"]
+        else:
+            row["cost"] = None
     return rows
 
 

@@ -46,12 +46,13 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Any, Iterator, Protocol, cast
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.data import Dataset as TorchDataset
 from torch.utils.data.distributed import DistributedSampler
 
 import flatminima
@@ -140,7 +141,12 @@ class Reporter(Protocol):
 
 # --------------------------------------------------------------------------- pieces
 def lr_factor(total_steps: int, warmup_steps: int, schedule: str, min_ratio: float) -> Callable[[int], float]:
-    """Linear warm-up to 1 over ``warmup_steps``, then cosine down to ``min_ratio`` (or constant)."""
+    """Linear warm-up to 1 over ``warmup_steps``, then cosine down to ``min_ratio`` (or constant).
+
+    >>> f = lr_factor(100, 10, "cosine", 0.0)
+    >>> [round(f(step), 3) for step in (0, 9, 10, 55, 99)]
+    [0.1, 1.0, 1.0, 0.5, 0.0]
+    """
 
     def factor(step: int) -> float:
         if step < warmup_steps:
@@ -247,14 +253,18 @@ def _chunks(x: Tensor, y: Tensor, m: int | None) -> list[tuple[Tensor, Tensor]]:
 def _plain_step(opt: torch.optim.Optimizer, closure: Callable[[], Tensor], scaler: Any) -> None:
     """A base optimizer's step (the plain baselines), with the GradScaler's protocol under fp16."""
     if scaler is None:
-        opt.step(closure)
+        # torch's stub types the closure as returning float; returning the loss
+        # tensor is the documented usage (torch.optim's own optimizers accept it).
+        opt.step(closure)  # type: ignore[arg-type]
         return
     closure()
     scaler.step(opt)
     scaler.update()
 
 
-class _Sized:
+class _Sized(TorchDataset[int]):
+    """A stand-in data set of ``n`` items: DistributedSampler only needs its length."""
+
     def __init__(self, n: int) -> None:
         self.n = n
 
@@ -272,11 +282,10 @@ def closure_form(method: Method) -> str:
     the gradients, forward, backward, return the loss) or ``"per_sample"``
     (``closure(indices=None)`` returns the unreduced losses of the batch, or
     of the samples ``indices``, and the optimizer runs backward). Read from
-    the method's registry record (``closure``) or class (``closure_form``)."""
+    the method's registry record (:attr:`flatminima.registry.MethodSpec.closure`)."""
     if method.plain:
         return "loss"
-    spec = flatminima.get_method(method.name)
-    form = getattr(spec, "closure", None) or getattr(spec.cls, "closure_form", None) or "loss"
+    form = flatminima.get_method(method.name).closure
     if form not in ("loss", "per_sample"):
         raise ExperimentError(f"method {method.name!r} declares an unknown closure form {form!r}")
     return form
@@ -346,8 +355,10 @@ def train_run(
 
         x_train, x_test = data.x_train.to(device), data.x_test.to(device)
         y_noisy_d, corrupted_d = y_noisy.to(device), corrupted.to(device)
-        sampler = DistributedSampler(_Sized(len(x_train)), num_replicas=info.world_size, rank=info.rank,
-                                     shuffle=True, seed=derive_seed(seed, SEED_ORDER), drop_last=False)
+        sampler: DistributedSampler[int] = DistributedSampler(
+            _Sized(len(x_train)), num_replicas=info.world_size, rank=info.rank,
+            shuffle=True, seed=derive_seed(seed, SEED_ORDER), drop_last=False,
+        )
         local_batch = cfg.batch_size // info.world_size
         n_local = len(sampler)
         steps_per_epoch = math.ceil(n_local / local_batch)
@@ -386,6 +397,9 @@ def train_run(
             reporter.run_start(result, steps_per_epoch, start_epoch)
         log_every = max(1, steps_per_epoch // 25)
         form = closure_form(method)
+        # build_optimizer gives a sharpness-aware method a flatminima optimizer
+        # (its step takes scaler= and chunks=), a plain one a torch optimizer.
+        sam_opt = cast(flatminima.SharpnessAware, opt) if method.sharpness_aware else None
         for epoch in range(start_epoch, cfg.epochs):
             sampler.set_epoch(epoch)
             order = torch.tensor(list(iter(sampler)), dtype=torch.long)
@@ -395,7 +409,7 @@ def train_run(
             model.train()
             stats = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, hits
             seen = 0
-            passes = [0]  # forward/backward passes (closure calls) this epoch
+            passes: list[float] = [0]  # forward/backward passes (closure calls) this epoch
             _sync(device)
             t0 = time.perf_counter()
             for b, idx in enumerate(batches):
@@ -436,14 +450,17 @@ def train_run(
                         record(i, out, losses.mean(), len(ys))
                     return losses
 
+                def batch_per_sample_closure(indices: Tensor | None = None) -> Tensor:
+                    return per_sample_closure(0, indices)
+
                 fn = per_sample_closure if form == "per_sample" else closure
                 try:
-                    if not method.sharpness_aware:
+                    if sam_opt is None:
                         _plain_step(opt, closure, scaler)
                     elif len(chunks) > 1:
-                        opt.step(fn, scaler=scaler, chunks=len(chunks))
+                        sam_opt.step(fn, scaler=scaler, chunks=len(chunks))
                     else:
-                        opt.step(fn if form == "loss" else (lambda indices=None: fn(0, indices)), scaler=scaler)
+                        sam_opt.step(closure if form == "loss" else batch_per_sample_closure, scaler=scaler)
                 except (ValueError, TypeError) as e:
                     if b == 0 and epoch == start_epoch:  # a method that cannot run with these settings
                         raise MethodFailed(f"method {method.label!r} failed at its first step: {e}") from e

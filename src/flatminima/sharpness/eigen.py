@@ -130,10 +130,21 @@ def hessian_eigenvalues(
         cache_graph: see :class:`~.hessian.HessianOperator`.
         progress: see :mod:`.progress`.
 
-    Example::
+    Example: least squares on two weights, ``L(w) = mean_i (w . x_i - y_i)^2``,
+    whose Hessian is ``diag(1, 4)``:
 
-        res = flatminima.sharpness.hessian_eigenvalues(model, [(x, y)], k=3)
-        res.eigenvalues  # [lambda_1, lambda_2, lambda_3]
+    >>> import torch
+    >>> from torch import nn
+    >>> import flatminima
+    >>> model = nn.Linear(2, 1, bias=False)
+    >>> _ = nn.init.zeros_(model.weight)
+    >>> x, y = torch.tensor([[1.0, 0.0], [0.0, 2.0]]), torch.ones(2, 1)
+    >>> mse = nn.functional.mse_loss
+    >>> res = flatminima.sharpness.hessian_eigenvalues(model, [(x, y)], k=2, loss_fn=mse)
+    >>> [round(lam, 2) for lam in res.eigenvalues]  # [lambda_1, lambda_2]
+    [4.0, 1.0]
+    >>> res.converged
+    [True, True]
 
     The model runs in eval mode; weights, buffers and ``.grad`` are left as
     they were. See the module docstring for convergence and references.
@@ -164,7 +175,21 @@ def lambda_max(
     progress: ProgressLike = None,
 ) -> float:
     """The top Hessian eigenvalue ``lambda_max`` of ``L`` at ``w`` (power
-    iteration; see :func:`hessian_eigenvalues` for the arguments)."""
+    iteration; see :func:`hessian_eigenvalues` for the arguments).
+
+    Example: least squares on two weights, ``L(w) = mean_i (w . x_i - y_i)^2``,
+    whose Hessian is ``diag(1, 4)``:
+
+    >>> import torch
+    >>> from torch import nn
+    >>> import flatminima
+    >>> model = nn.Linear(2, 1, bias=False)
+    >>> _ = nn.init.zeros_(model.weight)
+    >>> x, y = torch.tensor([[1.0, 0.0], [0.0, 2.0]]), torch.ones(2, 1)
+    >>> mse = nn.functional.mse_loss
+    >>> round(flatminima.sharpness.lambda_max(model, [(x, y)], loss_fn=mse), 2)
+    4.0
+    """
     return hessian_eigenvalues(
         model, data, 1, loss_fn=loss_fn, tol=tol, max_iter=max_iter, seed=seed, cache_graph=cache_graph, progress=progress
     ).eigenvalues[0]

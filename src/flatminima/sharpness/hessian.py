@@ -126,10 +126,19 @@ def hvp(
     parameters, the model in eval mode (restored afterwards). ``v`` is a list
     of tensors shaped like the trainable parameters.
 
-    Example::
+    Example: least squares on two weights, ``L(w) = mean_i (w . x_i - y_i)^2``,
+    whose Hessian is ``diag(1, 4)``:
 
-        v = [torch.randn_like(p) for p in model.parameters()]
-        hv = flatminima.sharpness.hvp(model, [(x, y)], v)
+    >>> import torch
+    >>> from torch import nn
+    >>> import flatminima
+    >>> model = nn.Linear(2, 1, bias=False)
+    >>> _ = nn.init.zeros_(model.weight)
+    >>> x, y = torch.tensor([[1.0, 0.0], [0.0, 2.0]]), torch.ones(2, 1)
+    >>> mse = nn.functional.mse_loss
+    >>> v = [torch.ones_like(p) for p in model.parameters()]
+    >>> flatminima.sharpness.hvp(model, [(x, y)], v, loss_fn=mse)
+    [tensor([[1., 4.]])]
 
     Reference: B. A. Pearlmutter, "Fast exact multiplication by the Hessian",
     Neural Computation 6(1), 1994.

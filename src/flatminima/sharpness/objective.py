@@ -47,7 +47,7 @@ def trainable_parameters(model: ModelLike) -> list[Tensor]:
     """The tensors a measure differentiates by: ``requires_grad`` parameters
     of a module, or the given tensors (each must require grad)."""
     if isinstance(model, nn.Module):
-        params = [p for p in model.parameters() if p.requires_grad]
+        params: list[Tensor] = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError(f"model {type(model).__name__} has no trainable parameters (requires_grad=True)")
         return params
@@ -301,9 +301,18 @@ def evaluate_loss(model: ModelLike, data: DataLike, loss_fn: LossFn | None = Non
     """``L(w)`` as every measure sees it: the sample-weighted mean loss over
     ``data``, the model in eval mode (its training flags restored after).
 
-    Example::
+    Example: least squares on two weights, ``L(w) = mean_i (w . x_i - y_i)^2``,
+    whose Hessian is ``diag(1, 4)``:
 
-        flatminima.sharpness.evaluate_loss(model, [(x, y)])  # == loss_fn(model.eval()(x), y).item()
+    >>> import torch
+    >>> from torch import nn
+    >>> import flatminima
+    >>> model = nn.Linear(2, 1, bias=False)
+    >>> _ = nn.init.zeros_(model.weight)
+    >>> x, y = torch.tensor([[1.0, 0.0], [0.0, 2.0]]), torch.ones(2, 1)
+    >>> mse = nn.functional.mse_loss
+    >>> flatminima.sharpness.evaluate_loss(model, [(x, y)], loss_fn=mse)  # == mse(model.eval()(x), y).item()
+    1.0
     """
     objective = Objective(model, data, loss_fn)
     with objective.measuring(restore_weights=False):

@@ -38,7 +38,7 @@ class Reporter:
 
     def _open_bar(self) -> None:
         try:
-            from tqdm.auto import tqdm  # type: ignore[import-not-found]
+            from tqdm.auto import tqdm
 
             self._bar = tqdm(total=self.total, desc=self.desc, leave=False)
             return

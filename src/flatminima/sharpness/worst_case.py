@@ -190,9 +190,19 @@ def one_step_gap(
     trainable parameters, ``eps`` added to it (the library's denominator
     offset; 0 gives the formula as printed).
 
-    Example::
+    Example: least squares on two weights, ``L(w) = mean_i (w . x_i - y_i)^2``,
+    whose Hessian is ``diag(1, 4)``:
 
-        h = flatminima.sharpness.one_step_gap(model, [(x, y)], rho=0.05)
+    >>> import torch
+    >>> from torch import nn
+    >>> import flatminima
+    >>> model = nn.Linear(2, 1, bias=False)
+    >>> _ = nn.init.zeros_(model.weight)
+    >>> x, y = torch.tensor([[1.0, 0.0], [0.0, 2.0]]), torch.ones(2, 1)
+    >>> mse = nn.functional.mse_loss
+    >>> h = flatminima.sharpness.one_step_gap(model, [(x, y)], rho=0.1, loss_fn=mse)
+    >>> round(h, 4)  # g = (-1, -2): rho ||g|| + rho^2 (g^T H g) / (2 ||g||^2) = 0.1 sqrt(5) + 0.017
+    0.2406
 
     Reference: Zhuang et al., "Surrogate Gap Guided Sharpness-Aware
     Minimization", ICLR'22, arXiv:2203.08065.
