@@ -20,6 +20,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $@
 
 test: venv
+	$(VPY) -m mypy
 	$(VPY) -m pytest -n 2 -q
 
 typecheck: venv

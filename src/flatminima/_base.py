@@ -77,6 +77,11 @@ class SharpnessAware(Wrapped):
     decides_from_gradient: ClassVar[bool] = False
     pre_pass: ClassVar[bool] = False
     shard_state: ClassVar[tuple[str, ...]] = ()
+    # the protocol's own options (_options.PROTOCOL), set by the constructor
+    model: torch.nn.Module | None
+    foreach: bool | None
+    max_grad_norm: float | None
+    sync_perturbations: bool
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -330,7 +335,7 @@ class SharpnessAware(Wrapped):
 
     def _open(self, scaler: Any, group: Any, scaling: ScaledPasses | None = None) -> StepContext:
         """The context of a step (or chunk) from the gradients now in ``.grad``."""
-        groups = [] if self.pre_pass else self._collect()
+        groups: list[GroupView] = [] if self.pre_pass else self._collect()
         fe = self._use_foreach(groups)
         ctx = StepContext(groups, fe, [], group=group, data=self._data)
         if enabled(scaler):
@@ -378,15 +383,15 @@ class SharpnessAware(Wrapped):
         ascent_sq = []
         for v, s, g_sq in zip(groups, scratch, ctx.grad_sq):
             changed = False
-            for part, buf in zip(self.ascent, s):
-                changed = part.vector(self, ctx, v, buf) or changed
+            for part, buffer in zip(self.ascent, s):
+                changed = part.vector(self, ctx, v, buffer) or changed
             ascent_sq.append(T.sum_of_squares(v.grads, fe) if changed else g_sq)
         norm = total(ascent_sq).sqrt()
         on_host = norm.device.type == "cpu"  # the factor read once and folded into the add
         for v, s in zip(groups, scratch):
             radius = self.combine.radius(self, ctx, v, v.group["rho"])
-            for part, buf in reversed(list(zip(self.ascent, s))):
-                part.finish(self, ctx, v, buf)
+            for part, buffer in reversed(list(zip(self.ascent, s))):
+                part.finish(self, ctx, v, buffer)
             for part in self.ascent:
                 radius = part.radius(self, ctx, v, radius)
             coef = radius / (norm + v.group["norm_eps"])
@@ -501,7 +506,7 @@ class SharpnessAware(Wrapped):
         for v in ctx.groups:
             clean = None if v.clean is None else dict(zip(map(id, v.params), v.clean))
             v.params = [p for p in v.group["params"] if p.grad is not None]
-            v.grads = [p.grad for p in v.params]
+            v.grads = [g for p in v.params if (g := p.grad) is not None]
             for g in v.grads:
                 self._check_dense(g)
             if clean is not None:

@@ -27,10 +27,14 @@ class Protocol(_Protocol):
     """The pieces of :class:`~flatminima.SharpnessAware` a chunked step drives."""
 
     param_groups: list[dict[str, Any]]
-    keeps_clean_grad: bool
-    decides_from_gradient: bool
-    shard_state: tuple[str, ...]
     _scaler: Any
+
+    @property
+    def keeps_clean_grad(self) -> bool: ...
+    @property
+    def decides_from_gradient(self) -> bool: ...
+    @property
+    def shard_state(self) -> tuple[str, ...]: ...
 
     def _replicas(self) -> Replicas: ...
     def _run_closure(self, closure: Callable[..., Any], which: str) -> Any: ...

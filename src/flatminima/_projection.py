@@ -55,14 +55,14 @@ def orthogonal_part_(ctx: StepContext, layerwise: bool) -> float | dict[Tensor, 
     norms: dict[Tensor, float] = {}
     for v in ctx.groups:
         clean: list[Tensor] = v.clean  # type: ignore[assignment]
-        inner, g_sq = T.dots(clean, v.grads, fe), T.dots(clean, clean, fe)
-        T.mul_each_(clean, [-_ratio(i, s) for i, s in zip(inner, g_sq)], fe)
+        inners, g_sqs = T.dots(clean, v.grads, fe), T.dots(clean, clean, fe)
+        T.mul_each_(clean, [-_ratio(i, s) for i, s in zip(inners, g_sqs)], fe)
         T.add_(clean, v.grads, fe)
-        gv_norm = [math.sqrt(x) for x in host_floats(T.dots(clean, clean, fe))]
-        gs_norm = [math.sqrt(x) for x in host_floats(T.dots(v.grads, v.grads, fe))]
-        drop = [i for i, (a, b, t) in enumerate(zip(gv_norm, gs_norm, clean)) if a <= _tolerance([t]) * b]
+        gv_norms = [math.sqrt(x) for x in host_floats(T.dots(clean, clean, fe))]
+        gs_norms = [math.sqrt(x) for x in host_floats(T.dots(v.grads, v.grads, fe))]
+        drop = [i for i, (a, b, t) in enumerate(zip(gv_norms, gs_norms, clean)) if a <= _tolerance([t]) * b]
         T.zero_([clean[i] for i in drop], fe)
         for i in drop:
-            gv_norm[i] = 0.0
-        norms.update(zip(v.params, gv_norm))
+            gv_norms[i] = 0.0
+        norms.update(zip(v.params, gv_norms))
     return norms

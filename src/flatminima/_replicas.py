@@ -163,7 +163,7 @@ class Replicas:
         if missing:
             for v in ctx.groups:
                 v.params = [p for p in v.group["params"] if p.grad is not None]
-                v.grads = [p.grad for p in v.params]
+                v.grads = [g for p in v.params if (g := p.grad) is not None]
         all_reduce_mean_([g for v in ctx.groups for g in v.grads], ctx.group, device)
         ctx.grad_sq = [T.sum_of_squares(v.grads, ctx.foreach) for v in ctx.groups]
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -44,6 +44,14 @@ class SampleSelection:
     method_state: dict[str, Any]
     model: torch.nn.Module | None
     _data: dict[str, Any]
+
+    if TYPE_CHECKING:  # provided by SharpnessAware, which this is mixed into
+
+        def _all_params(self) -> list[Tensor]: ...
+        def _replicas(self) -> Any: ...
+        def zero_grad(self, set_to_none: bool = True) -> None: ...
+        def _backward(self, loss: Tensor) -> None: ...
+        def note(self, **values: Any) -> None: ...
 
     def can_skip_inactive_grads(self) -> bool:
         """Whether the clean pass may leave the masked tensors without a

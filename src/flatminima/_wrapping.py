@@ -43,7 +43,7 @@ class Wrapped(Optimizer):
             self._check_value(key, value)
         if isinstance(params, Tensor):
             raise TypeError("params must be an iterable of Tensors or dicts, got a single Tensor")
-        params = list(params)
+        params_list: list[Any] = list(params)
         is_class = isinstance(base_optimizer, type) and issubclass(base_optimizer, Optimizer)
         if isinstance(base_optimizer, Wrapped) or (is_class and issubclass(base_optimizer, Wrapped)):  # type: ignore[arg-type]
             raise TypeError(f"base_optimizer must be an ordinary optimizer, not the sharpness-aware {base_optimizer!r}")
@@ -57,10 +57,10 @@ class Wrapped(Optimizer):
                 f"base optimizer keyword arguments {sorted(base_kwargs)} were given with an optimizer "
                 "instance; set them when building the instance, or pass its class instead"
             )
-        Optimizer.__init__(self, params, dict(defaults))
+        Optimizer.__init__(self, params_list, dict(defaults))
         base_cls = base_optimizer if is_class else type(base_optimizer)
         self.base_optimizer: Optimizer = (
-            base_optimizer(self.param_groups, **base_kwargs) if is_class else base_optimizer  # type: ignore[operator]
+            base_optimizer(self.param_groups, **base_kwargs) if is_class else base_optimizer  # type: ignore[assignment,operator]
         )
         # Both optimizers read one dict per group: a key both define would
         # silently set the other's option (Adadelta's rho, RMSprop's alpha).
@@ -71,7 +71,7 @@ class Wrapped(Optimizer):
                 f"option(s) {shared}, and the two optimizers share their param groups"
             )
         if not is_class:
-            self._adopt_instance_groups(params)
+            self._adopt_instance_groups(params_list)
         self.param_groups = self.base_optimizer.param_groups
         self.defaults = {**self.base_optimizer.defaults, **self._method_defaults}
         for group in self.param_groups:
