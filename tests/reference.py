@@ -585,6 +585,8 @@ class Reference:
     ``compose_reference`` (class attributes ``ascent_parts``,
     ``combine_part``, ``schedule_part``)."""
 
+    #: (ascent chain, combine, schedule) by name
+    product: tuple[tuple[str, ...], str, str] = ((), "sam", "always")
     ascent_parts: tuple[type[Ascent], ...] = ()
     combine_part: type[Combine] = SAMCombine
     schedule_part: type[Schedule] = Always
@@ -728,12 +730,23 @@ class Reference:
         self.t += 1
 
 
-#: group keys the parts read: a chain's parts must not share one
-_PART_KEYS: dict[str, set[str]] = {
-    "asam": {"adaptive", "eta"},
-    "fisher": {"eta"},
-    "esam": {"beta", "seed"},
-    "wsam": {"gamma", "decouple"},
+#: the group keys each part reads (besides rho and norm_eps): two parts of
+#: one product must not share one
+PART_KEYS: dict[str, frozenset[str]] = {
+    "sam": frozenset(),
+    "asam": frozenset({"adaptive", "eta"}),
+    "centralize": frozenset({"centralize"}),
+    "fisher": frozenset({"eta"}),
+    "friendly": frozenset({"sigma", "lam"}),
+    "vasso": frozenset({"theta"}),
+    "esam": frozenset({"beta", "seed", "gamma"}),  # gamma: RefESAM's data selection
+    "momentum": frozenset(),
+    "wsam": frozenset({"gamma", "decouple"}),
+    "gsam": frozenset({"rho_min", "alpha", "lr_max", "lr_min"}),
+    "looksam": frozenset({"alpha", "layerwise"}),
+    "always": frozenset(),
+    "every_k": frozenset({"k"}),
+    "ae_sam": frozenset({"sam_fraction", "decay", "gain"}),
 }
 _ESAM_GAMMA = "gamma"  # ESAM's data-selection fraction, read by RefESAM's per-sample step
 
@@ -759,10 +772,11 @@ def _check_product(ascent: list[str], combine: str, schedule: str) -> None:
             raise ValueError(
                 f"{pre[0]!r} ascent has no clean pass, so no g for {', '.join(readers)}"
             )
-    if "fisher" in ascent and "asam" in ascent:
-        raise ValueError("ascents 'fisher' and 'asam' both read the group key 'eta'")
-    if "esam" in ascent and combine == "wsam":
-        raise ValueError("ascent 'esam' and combine 'wsam' both read the group key 'gamma'")
+    parts = [*ascent, combine, schedule]
+    for a, b in itertools.combinations(parts, 2):
+        shared = PART_KEYS[a] & PART_KEYS[b]
+        if shared:
+            raise ValueError(f"parts {a!r} and {b!r} both read the group key {sorted(shared)[0]!r}")
 
 
 def compose_reference(
