@@ -147,10 +147,12 @@ class MethodInfo:
     #: *between* steps, per parameter (0 for SAM: nothing survives a step);
     #: tests/test_resume.py checks it
     state_copies_between_steps: int
-    #: parameter-sized buffers that ``step(closure)`` holds at its peak beyond
-    #: the plain base optimizer's step, measured at the record's default
-    #: configuration (tests/test_method_records.py, test_extra_memory);
-    #: None: not checked
+    #: parameter-sized buffers that ``step(closure)`` allocates at its peak
+    #: beyond the plain base optimizer's step, at the registry's defaults
+    #: (tests/test_method_records.py measures it; with the buffers kept
+    #: between steps it makes the registry's ``extra_copies``:
+    #: ``extra_copies == extra_memory + state_copies_between_steps``).
+    #: None fails that test, which then prints the measured value.
     extra_memory: int | None = None
     #: the plain reference (tests/reference.py); default REFERENCES[name]
     reference: type[Reference] = field(default=None)  # type: ignore[assignment]
@@ -268,6 +270,7 @@ register_record(
             BadArg("sam", {"max_grad_norm": -1.0}, ValueError, r"Invalid max_grad_norm value: -1\.0"),
         ],
         state_copies_between_steps=0,
+        extra_memory=1,
     )
 )
 register_record(
@@ -280,6 +283,7 @@ register_record(
         equivalences=[Equivalence("asam-rho0-is-base", "asam", {"rho": 0.0}, None)],
         bad_args=[BadArg("asam", {"eta": -1.0}, ValueError, r"Invalid eta value: -1\.0")],
         state_copies_between_steps=0,
+        extra_memory=1,
         # no configuration with id "asam" in the database: the first one is the default
         default="asam-eta0.01",
     )
@@ -291,6 +295,7 @@ register_record(
         equivalences=[Equivalence("gcsam-rho0-is-base", "gcsam", {"rho": 0.0}, None)],
         bad_args=[BadArg("gcsam", {"norm_eps": 0.0}, ValueError, r"Invalid norm_eps value: 0\.0")],
         state_copies_between_steps=0,
+        extra_memory=1,
     )
 )
 
@@ -367,6 +372,7 @@ register_record(
             BadArg("wsam", {"eta": -0.01, "adaptive": True}, ValueError, r"Invalid eta value: -0\.01"),
         ],
         state_copies_between_steps=0,
+        extra_memory=2,
     )
 )
 register_record(
@@ -429,6 +435,7 @@ register_record(
             BadArg("gsam", {"rho_min": "0.01"}, TypeError, "rho_min must be a real number"),
         ],
         state_copies_between_steps=0,
+        extra_memory=2,
     )
 )
 register_record(
@@ -453,6 +460,7 @@ register_record(
             BadArg("fisher_sam", {"rho": float("inf")}, ValueError, "Invalid rho value: inf"),
         ],
         state_copies_between_steps=0,
+        extra_memory=1,
     )
 )
 register_record(
@@ -485,6 +493,7 @@ register_record(
             BadArg("friendly_sam", {"lam": -0.1}, ValueError, r"Invalid lam value: -0\.1"),
         ],
         state_copies_between_steps=1,
+        extra_memory=2,
     )
 )
 register_record(
@@ -511,6 +520,7 @@ register_record(
             BadArg("vasso", {"norm_eps": -1e-7}, ValueError, "Invalid norm_eps value: -1e-07"),
         ],
         state_copies_between_steps=1,
+        extra_memory=2,
     )
 )
 
@@ -568,6 +578,7 @@ register_record(
             BadArg("looksam", {"norm_eps": 0.0}, ValueError, r"Invalid norm_eps value: 0\.0"),
         ],
         state_copies_between_steps=1,
+        extra_memory=2,
     )
 )
 register_record(
@@ -604,6 +615,7 @@ register_record(
             BadArg("esam", {"rho": -0.05}, ValueError, r"Invalid rho value: -0\.05"),
         ],
         state_copies_between_steps=0,
+        extra_memory=1,
     )
 )
 register_record(
@@ -629,6 +641,7 @@ register_record(
             BadArg("sam_every_k", {"rho": -1.0}, ValueError, r"Invalid rho value: -1\.0"),
         ],
         state_copies_between_steps=0,
+        extra_memory=1,
     )
 )
 register_record(
@@ -652,5 +665,6 @@ register_record(
             BadArg("ae_sam", {"eta": -0.1}, ValueError, r"Invalid eta value: -0\.1"),
         ],
         state_copies_between_steps=0,
+        extra_memory=1,
     )
 )
