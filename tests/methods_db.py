@@ -154,6 +154,12 @@ class MethodInfo:
     #: ``extra_copies == extra_memory + state_copies_between_steps``).
     #: None fails that test, which then prints the measured value.
     extra_memory: int | None = None
+    #: closure calls that ``step(closure)`` makes at steps 1, 2, 3, ... at the
+    #: registry's defaults (``create(name, ...)`` with no method options),
+    #: repeating as ``Case.closure_calls``; its mean is the registry's
+    #: ``passes_per_step``. None: data-dependent (1 or 2 per step).
+    #: tests/test_method_records.py checks both.
+    closure_calls_at_defaults: tuple[int, ...] | None = (2,)
     #: the plain reference (tests/reference.py); default REFERENCES[name]
     reference: type[Reference] = field(default=None)  # type: ignore[assignment]
     #: id of the default configuration (capability tests, DEFAULT_CASES);
@@ -579,6 +585,7 @@ register_record(
         ],
         state_copies_between_steps=1,
         extra_memory=2,
+        closure_calls_at_defaults=(2, 1, 1, 1, 1),  # k = 5
     )
 )
 register_record(
@@ -616,6 +623,7 @@ register_record(
         ],
         state_copies_between_steps=0,
         extra_memory=1,
+        closure_calls_at_defaults=(3,),  # gamma = 0.5: clean, no-grad forward, selected
     )
 )
 register_record(
@@ -642,6 +650,7 @@ register_record(
         ],
         state_copies_between_steps=0,
         extra_memory=1,
+        closure_calls_at_defaults=(2, 1, 1, 1, 1),  # k = 5
     )
 )
 register_record(
@@ -666,5 +675,6 @@ register_record(
         ],
         state_copies_between_steps=0,
         extra_memory=1,
+        closure_calls_at_defaults=None,  # the policy decides
     )
 )

@@ -125,6 +125,37 @@ def test_registry_closure_form_works_at_the_defaults(record: MethodInfo) -> None
         helpers.assert_tree_equal(helpers.params_of(model2), w0)
 
 
+# ---------------------------------------------------------------- passes_per_step
+
+
+@pytest.mark.parametrize("record", RECORD_LIST, ids=record_id)
+def test_passes_per_step_at_the_defaults(record: MethodInfo) -> None:
+    """``MethodSpec.passes_per_step`` (closure calls per step, on average at
+    the defaults) is the mean of the record's ``closure_calls_at_defaults``,
+    and ``step(closure)`` at the registry's defaults makes those calls; a
+    data-dependent method (None) makes 1 or 2 per step."""
+    spec = flatminima.get_method(record.name)
+    pattern = record.closure_calls_at_defaults
+    model = helpers.mlp()
+    opt = flatminima.create(record.name, model.parameters(), torch.optim.SGD, lr=0.1)
+    calls: list[int] = []
+    for x, y in helpers.batches(10):
+        inner = helpers.make_closure(opt, model, x, y, spec.closure)
+        n = [0]
+
+        def closure(*args: Any, inner: Any = inner, n: list[int] = n) -> torch.Tensor:
+            n[0] += 1
+            return inner(*args)
+
+        opt.step(closure)
+        calls.append(n[0])
+    if pattern is None:
+        assert set(calls) <= {1, 2} and 1 <= spec.passes_per_step <= 2, calls
+    else:
+        assert calls == [pattern[i % len(pattern)] for i in range(len(calls))], (record.name, calls)
+        assert spec.passes_per_step == pytest.approx(sum(pattern) / len(pattern)), (record.name, spec.passes_per_step)
+
+
 # ---------------------------------------------------------------- extra_copies
 
 
