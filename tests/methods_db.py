@@ -18,13 +18,16 @@ reference in tests/reference.py). A minimal record::
             configs=[Case("momentum_sam", "momentum_sam", {"rho": 0.05}, {"rho": 0.05, "norm_eps": 1e-12}, norm_kind="l2")],
             equivalences=[Equivalence("momentum_sam-rho0-is-base", "momentum_sam", {"rho": 0.0}, None)],
             bad_args=[BadArg("momentum_sam", {"rho": -1.0}, ValueError, r"Invalid rho value: -1\\.0")],
-            state_copies_between_steps=1,
-            extra_memory=2,
+            state_copies_between_steps=1,  # e.g. a momentum buffer kept between steps
+            extra_memory=1,  # the saved w; test_method_records prints the measured value if wrong
         )
     )
 
-tests/test_method_records.py checks that every registered method has exactly
-one record and that the records agree with the registry (closure form).
+``closure_calls_at_defaults`` defaults to (2,) (a SAM-like step) and the
+configurations' closure form to the registry's. tests/test_method_records.py
+checks that every registered method has exactly one record, that each record
+is complete, and that the records agree with the registry (closure form,
+passes_per_step, extra_copies = extra_memory + state_copies_between_steps).
 """
 
 from __future__ import annotations
