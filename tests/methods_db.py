@@ -138,9 +138,8 @@ class MethodInfo:
 
     #: the registered method name (``flatminima.list_methods()``)
     name: str
-    #: its configurations; each ``Case.method`` is ``name`` or, for a
-    #: configuration written with another name's options (``asam+gc`` is SAM
-    #: with adaptive and centralize), the record's ``name`` too
+    #: its configurations (``Case.method == name``; ``asam+gc``, SAM with
+    #: adaptive and centralize set by hand, belongs to the "sam" record)
     configs: tuple[Case, ...]
     #: special cases of its formula (``Equivalence.method == name``)
     equivalences: tuple[Equivalence, ...]
