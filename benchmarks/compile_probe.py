@@ -105,24 +105,10 @@ def build(method: str, base: type[torch.optim.Optimizer] = torch.optim.SGD, **ba
     return model, flatminima.create(method, model.parameters(), base, **kwargs)
 
 
-_FORMS: dict[str, str] = {}
-
-
 def closure_form(method: str) -> str:
-    """PyTorch's closure form if the method accepts it, else per-sample losses."""
-    if method not in _FORMS:
-        for form in ("loss", "per_sample"):
-            model, opt = build(method)
-            x, y = batches(1)[0]
-            try:
-                opt.step(closure_for(opt, model, x, y, form))
-            except (TypeError, ValueError, RuntimeError):
-                continue
-            _FORMS[method] = form
-            break
-        else:
-            raise RuntimeError(f"{method}: no closure form works")
-    return _FORMS[method]
+    """The closure form ``step`` takes at the method's defaults, from its
+    registry record: "loss" (PyTorch's) or "per_sample" (ESAM's)."""
+    return flatminima.get_method(method).closure
 
 
 def train(method: str, backend: str | None, api: str, steps: int) -> dict[str, Any]:

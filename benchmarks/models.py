@@ -177,23 +177,16 @@ def build_method(
     sync: Callable[[], None] = lambda: None,
     **kwargs: Any,
 ) -> tuple[Any, Callable[[], Any], str]:
-    """``flatminima.create(name, ...)`` and a step function using the first
-    closure form (PyTorch's, then per-sample losses) the method accepts;
-    each form is tried with a fresh optimizer and one real step."""
+    """``flatminima.create(name, ...)``, one real (warm-up) step, and a step
+    function using the closure form of the method's registry record
+    (``flatminima.get_method(name).closure``: the form at the defaults)."""
     import flatminima
 
-    first_error: Exception | None = None
-    for form in CLOSURE_FORMS:
-        opt = flatminima.create(name, wl.params, base, **kwargs)
-        closure = wl.closure_for(opt, counter, form)
-        try:
-            opt.step(closure)
-            sync()
-        except Exception as e:  # noqa: BLE001 - try the next form, report the first error
-            first_error = first_error or e
-            if getattr(opt, "_phase", None) is not None and hasattr(opt, "cancel_step"):
-                opt.cancel_step()
-            continue
-        return opt, (lambda o=opt, c=closure: o.step(c)), form
-    assert first_error is not None
-    raise first_error
+    form = flatminima.get_method(name).closure
+    if form not in CLOSURE_FORMS:
+        raise ValueError(f"{name}: unknown closure form {form!r} in the registry")
+    opt = flatminima.create(name, wl.params, base, **kwargs)
+    closure = wl.closure_for(opt, counter, form)
+    opt.step(closure)
+    sync()
+    return opt, (lambda o=opt, c=closure: o.step(c)), form

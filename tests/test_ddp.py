@@ -83,7 +83,8 @@ MODES = {
     "closure": CASES,
     "explicit": [c for c in CASES if c.closure == "loss"],
     "sync": CASES,
-    "scaler": [c for c in CASES if c.closure == "loss"][:3],
+    # sam, sam-rho0.3, asam+gc (the sam record), asam-eta0.01
+    "scaler": [c for c in CASES if c.closure == "loss"][:4],
 }
 
 

@@ -46,7 +46,7 @@ def setup(case, **extra):
 @pytest.mark.parametrize("bad", BAD_ARGS, ids=lambda b: f"{b.method}-{b.kwargs}")
 def test_bad_args(bad):
     model = mlp(dtype=DTYPE)
-    with pytest.raises(bad.error, match=re.escape(bad.match)):
+    with pytest.raises(bad.error, match=bad.match):
         flatminima.create(bad.method, model.parameters(), torch.optim.SGD, lr=0.1, **bad.kwargs)
 
 
@@ -71,7 +71,7 @@ def test_bad_args_in_a_param_group(bad):
     group_keys = list(bad.kwargs)
     ps = list(model.parameters())
     groups = [{"params": ps[:2]}, {"params": ps[2:], **{k: bad.kwargs[k] for k in group_keys}}]
-    with pytest.raises(bad.error, match=re.escape(bad.match)):
+    with pytest.raises(bad.error, match=bad.match):
         flatminima.create(bad.method, groups, torch.optim.SGD, lr=0.1)
 
 
@@ -82,7 +82,7 @@ def test_bad_args_in_add_param_group(bad):
     ps = list(model.parameters())
     opt = flatminima.create(bad.method, ps[:2], torch.optim.SGD, lr=0.1)
     group_keys = list(bad.kwargs)
-    with pytest.raises(bad.error, match=re.escape(bad.match)):
+    with pytest.raises(bad.error, match=bad.match):
         opt.add_param_group({"params": ps[2:], **{k: bad.kwargs[k] for k in group_keys}})
     assert len(opt.param_groups) == len(opt.base_optimizer.param_groups) == 1
 
