@@ -43,6 +43,20 @@ class NoOpOptimizer(torch.optim.Optimizer):
         return None
 
 
+class NoOpMomentumSGD(torch.optim.SGD):
+    """SGD whose step does nothing and whose momentum buffers exist from the
+    start: the bookkeeping of a method that reads the momentum (Momentum-SAM)."""
+
+    def __init__(self, params: Any, lr: float = LR, **kwargs: Any) -> None:
+        super().__init__(params, lr=lr, momentum=0.9)
+        for group in self.param_groups:
+            for p in group["params"]:
+                self.state[p]["momentum_buffer"] = torch.randn_like(p)
+
+    def step(self, closure: Callable[[], Any] | None = None) -> None:  # type: ignore[override]
+        return None
+
+
 def _stderr_progress(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
@@ -179,13 +193,12 @@ def _bookkeeping_variants(wl: Workload, methods: list[str]) -> tuple[dict, dict,
             p.grad = g
 
     for name in methods:
-        if flatminima.get_method(name).cls.pre_pass:
-            continue  # it reads the base optimizer's momentum: no bookkeeping without a real base
         for fe in (True, False):
             key = f"{name}[{'foreach' if fe else 'per-tensor'}]"
             meta[key] = {"method": name, "path": "foreach" if fe else "per-tensor"}
             try:
-                opt = flatminima.create(name, params, NoOpOptimizer, foreach=fe)
+                pre = flatminima.get_method(name).cls.pre_pass  # it reads the base optimizer's momentum
+                opt = flatminima.create(name, params, NoOpMomentumSGD if pre else NoOpOptimizer, foreach=fe)
             except Exception as e:
                 meta[key]["error"] = f"create: {type(e).__name__}: {e}"
                 continue
@@ -320,8 +333,6 @@ def bench_workload(
     del copy_dst, copy_src
     for name in methods:
         row: dict[str, Any] = {}
-        if f"{name}[foreach]" not in bmeta:
-            continue  # pre-pass methods: see _bookkeeping
         for path in ("foreach", "per-tensor"):
             key = f"{name}[{path}]"
             if "error" in bmeta[key]:

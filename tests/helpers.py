@@ -192,7 +192,10 @@ def shared_group_keys(method: str, base_cls: type[torch.optim.Optimizer]) -> set
     key silently sets both (SAM's denominator ``eps`` vs Adam's ``eps``); a
     non-empty result is a library bug (tests/test_reference.py checks it)."""
     p = nn.Parameter(torch.zeros(1))
-    ours = set(flatminima.create(method, [p], _OptionlessOptimizer).param_groups[0]) - {"params"}
+    if pre_pass(method):  # it reads a base optimizer's momentum, so it refuses an optionless one
+        ours = set(flatminima.get_method(method).cls.group_options)
+    else:
+        ours = set(flatminima.create(method, [p], _OptionlessOptimizer).param_groups[0]) - {"params"}
     return ours & set(base_cls([p]).defaults)
 
 
@@ -240,3 +243,15 @@ def shard_closures(
 ) -> list[Callable[..., torch.Tensor]]:
     """One :func:`make_closure` per chunk of ``x.chunk(chunks)`` (for the references' sharded_step)."""
     return [make_closure(opt, model, xb, yb, kind) for xb, yb in zip(x.chunk(chunks), y.chunk(chunks))]
+
+
+def refuses_base(method: str, base_cls: type, error: Exception) -> bool:
+    """Whether ``error`` is a pre-pass method's refusal of a base optimizer
+    whose momentum it cannot read (its message names that optimizer)."""
+    return pre_pass(method) and isinstance(error, ValueError) and f"cannot read it from {base_cls.__name__}" in str(error)
+
+
+def pre_pass(method: str) -> bool:
+    """Whether ``method`` perturbs before its only pass (Momentum-SAM): one
+    closure call per step, no clean pass; read from the registry's class."""
+    return bool(flatminima.get_method(method).cls.pre_pass)

@@ -680,3 +680,22 @@ register_record(
         closure_calls_at_defaults=None,  # the policy decides
     )
 )
+register_record(
+    MethodInfo(
+        "momentum_sam",
+        configs=[
+            # no radius promise at the first step: there is no momentum yet, so no perturbation
+            Case("momentum_sam", "momentum_sam", {"rho": 0.3}, {"rho": 0.3, "norm_eps": 1e-12}, closure_calls=(1,)),
+            Case("momentum_sam-rho0.05", "momentum_sam", {"rho": 0.05, "norm_eps": 1e-8},
+                 {"rho": 0.05, "norm_eps": 1e-8}, closure_calls=(1,)),
+        ],
+        equivalences=[Equivalence("momentum_sam-rho0-is-base", "momentum_sam", {"rho": 0.0}, None)],
+        bad_args=[
+            BadArg("momentum_sam", {"rho": -1.0}, ValueError, r"Invalid rho value: -1\.0"),
+            BadArg("momentum_sam", {"norm_eps": 0.0}, ValueError, r"Invalid norm_eps value: 0\.0"),
+        ],
+        state_copies_between_steps=0,  # the momentum is the base optimizer's own state
+        extra_memory=1,
+        closure_calls_at_defaults=(1,),
+    )
+)

@@ -319,7 +319,7 @@ def test_exception_in_a_pass_at_w_plus_eps(bad_call):
     assert calls[0] == bad_call
     assert all(torch.equal(a, b) for a, b in zip(w0, model.parameters()))
     assert_tree_equal(state(opt), own0)
-    assert opt._pending is None and opt._clean_losses is None
+    assert opt._pending is None and not opt._data  # no per-step data (clean losses) survives the step
     for (k, v), r in zip(model.named_buffers(), clean_ref.buffers()):
         assert torch.equal(v, r), k  # from the clean pass alone
     opt.step(per_sample_closure(model, x, y)[0])

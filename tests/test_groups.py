@@ -13,7 +13,9 @@ import torch
 from torch import nn
 
 import flatminima
-from helpers import batches, explicit_step, make_closure, mlp, one_case_per_method, params_of, two_groups
+from helpers import (
+    batches, explicit_step, make_closure, mlp, one_case_per_method, params_of, refuses_base, two_groups,
+)
 from methods_db import CASES
 
 DTYPE = torch.float64
@@ -130,7 +132,12 @@ def test_base_keeps_its_own_hyperparameters(case, base, form):
             create(case, model.parameters(), target, **extra)
         assert cls.__name__ in str(info.value)
         return
-    opt = create(case, model.parameters(), target, **extra)
+    try:
+        opt = create(case, model.parameters(), target, **extra)
+    except ValueError as err:
+        if refuses_base(case.method, cls, err):
+            return  # it reads the base optimizer's momentum, which this one does not keep
+        raise
     group = opt.param_groups[0]
     for key, value in plain.items():
         if key != "params":

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import flatminima
-from helpers import assert_tree_equal, batches, clone_tree, mlp, one_case_per_method, params_of
+from helpers import assert_tree_equal, batches, clone_tree, mlp, one_case_per_method, params_of, pre_pass
 from methods_db import CASES
 
 PER_METHOD = one_case_per_method(CASES)
@@ -126,9 +126,15 @@ def test_nonfinite_step_is_skipped(case, where, mode, api):
         run_step(opt, closure, api)
     if calls[0] < PASSES[where]:
         pytest.skip("this configuration runs no perturbed pass on this step")
+    if pre_pass(case.method) and api != "closure" and where == "clean":
+        # its order is first_step() before its only backward: a backward run before first_step() is discarded
+        assert opt.step_count == WARM + 1 and all_finite(model)
+        return
     found = runtime_warnings(record)
     assert len(found) == 1, [str(w.message) for w in record]
-    assert "non-finite" in str(found[0].message) and where in str(found[0].message)
+    # a pre-pass method's only pass (after the first step) is at w + eps
+    said = "perturbed" if pre_pass(case.method) else where
+    assert "non-finite" in str(found[0].message) and said in str(found[0].message)
 
     for a, b in zip(w0, model.parameters()):
         assert torch.equal(a, b)

@@ -51,6 +51,8 @@ def test_gradient_views_take_the_copy_path(case: Case) -> None:
     """With gradients that are views of a shared buffer the step copies
     instead (the buffer is not the optimizer's to re-point weights at), and
     gives the same weights as plain gradients do."""
+    if helpers.pre_pass(case.method):
+        pytest.skip("a pre-pass method builds w + eps in buffers of its own, never in the gradients")
     model, opt, _, _ = build_pair(case, "sgd-momentum", case.second_group)
     model2, opt2, _, _ = build_pair(case, "sgd-momentum", case.second_group)
     for x, y in helpers.batches(3, torch.float64):

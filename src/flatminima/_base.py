@@ -46,7 +46,7 @@ from . import _declare, _options
 from . import _tensorops as T
 from . import _validate as V
 from . import passes as P
-from ._chunks import chunked_step
+from ._chunks import chunked_step, pre_pass_step
 from ._context import GroupView, StepContext, total
 from ._parts import Always, Ascent, Combine, Descend, Plain, Schedule
 from ._replicas import Replicas
@@ -159,7 +159,7 @@ class SharpnessAware(Wrapped):
             self._abandon(ctx)  # a hook raised: w and the scaler as they were
             raise
         self._phase, self._pending = phase, ctx
-        if zero_grad and (phase == "perturbed" or self.pre_pass):
+        if phase == "perturbed" and (zero_grad or self.pre_pass):  # a pre-pass step's .grad is stale
             self.zero_grad()
         return phase == "perturbed"
 
@@ -197,7 +197,7 @@ class SharpnessAware(Wrapped):
                     ctx.scaling.unscale([p for v in ctx.groups for p in v.params])
                 ctx.grad_sq = [T.sum_of_squares(v.grads, ctx.foreach) for v in ctx.groups]
                 if not self._finite(ctx, ctx.grad_sq, every_rank=False):
-                    self._count_skip("perturbed")
+                    self._count_skip("clean" if self.pre_pass else "perturbed")
                     return
             self._descend(ctx)
         finally:
@@ -256,22 +256,13 @@ class SharpnessAware(Wrapped):
         on = enabled(scaler)  # type check before any pass runs
         if self._phase is not None:
             raise ValueError("step() called between first_step() and second_step(); finish that step first")
-        if chunks is not None:
-            if self.pre_pass:
-                raise ValueError(f"{type(self).__name__} perturbs before its one pass: chunks= needs a clean pass")
-            return chunked_step(self, closure, V.positive_int("chunks", chunks), scaler)
+        n = None if chunks is None else V.positive_int("chunks", chunks)
+        if self.pre_pass:  # one pass, whose running statistics are kept: there is no other
+            return pre_pass_step(self, closure, n, scaler)
+        if n is not None:
+            return chunked_step(self, closure, n, scaler)
         self._scaler, self._data = (scaler if on else None), {}
         try:
-            if self.pre_pass:
-                perturbed = self.first_step(zero_grad=True, scaler=scaler)
-                try:
-                    with self.perturbed_pass() if perturbed else nullcontext():
-                        loss = self._run_closure(closure, "perturbed" if perturbed else "clean")
-                except BaseException:
-                    self.cancel_step()
-                    raise
-                self.second_step()
-                return loss
             with self._replicas().local_pass():
                 loss = self._run_closure(closure, "clean")
             if self.first_step(zero_grad=True, scaler=scaler):  # .grad held eps: a pass without backward is caught
@@ -295,8 +286,8 @@ class SharpnessAware(Wrapped):
         """Context for the clean forward and backward of the explicit API:
         under DDP with per-replica perturbations (the default), the DDP
         module's ``no_sync()``; elsewhere it does nothing. ``step(closure)``
-        uses it by itself."""
-        return self._replicas().local_pass()
+        uses it by itself. A pre-pass method has no clean pass: nothing here."""
+        return nullcontext() if self.pre_pass else self._replicas().local_pass()
 
     def perturbed_pass(self) -> ContextManager[Any]:
         """Context for the perturbed pass: with ``model=`` given, running

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ._context import GroupView, StepContext
-from ._replicas import Replicas, shard_norms
+from ._replicas import Replicas, all_reduce_mean_, shard_norms
 from ._scaling import ScaledPasses, enabled
 
 
@@ -152,6 +152,53 @@ def chunked_step(opt: Protocol, closure: Callable[[int], Any], n: int, scaler: A
         opt._scaler = None
         if scaling is not None:
             scaling.update()
+
+
+def pre_pass_step(opt: Any, closure: Callable[..., Any], n: int | None, scaler: Any) -> Any:
+    """The step of a pre-pass method (Momentum-SAM): ``eps`` from its state,
+    then its only pass at ``w + eps`` (or at ``w`` when it does not perturb),
+    kept whole: its running statistics included. With ``n`` chunks every
+    chunk runs at the same ``w + eps`` (``eps`` does not come from a
+    gradient) and the step descends along their mean, averaged over DDP
+    replicas too (the chunks run under ``no_sync``)."""
+    opt._scaler, opt._data = (scaler if enabled(scaler) else None), {}
+    try:
+        perturbed = opt.first_step(zero_grad=True, scaler=scaler)
+        try:
+            which = "perturbed" if perturbed else "clean"
+            if n is None:
+                loss = opt._run_closure(closure, which)
+            else:
+                loss = _accumulate(opt, closure, n, which)
+        except BaseException:
+            opt.cancel_step()
+            raise
+        opt.second_step()
+        return loss
+    finally:
+        opt._scaler, opt._data = None, {}
+
+
+def _accumulate(opt: Any, closure: Callable[[int], Any], n: int, which: str) -> Any:
+    """Every chunk's pass in turn; the mean gradient left in ``.grad``."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    sums: dict[Tensor, Tensor] = {}
+    losses: list[Any] = []
+    local = opt._replicas().chunk_pass()
+    for i in range(n):
+        with local():
+            losses.append(opt._run_closure(partial(closure, i), which))
+        for p in params:
+            if p.grad is not None:
+                _add(sums, p, p.grad, steal=True)
+                p.grad = None  # the next chunk's backward must not add into the sum
+    for p, total in sums.items():
+        p.grad = total.div_(n)
+    group = opt._replicas().chunk_group()
+    if group is not None:
+        grads = [p.grad for p in params if p.grad is not None]
+        all_reduce_mean_(grads, group, grads[0].device if grads else torch.device("cpu"))
+    return _mean(losses)
 
 
 def _sweep(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -21,6 +22,11 @@ BUFFERS: dict[type[torch.optim.Optimizer], str] = {
 }
 
 
+def _key(base: torch.optim.Optimizer) -> str | None:
+    """Where ``base`` (or the torch optimizer it subclasses) keeps its momentum."""
+    return next((key for cls, key in BUFFERS.items() if isinstance(base, cls)), None)
+
+
 class Momentum(Ascent):
     """``v = -m``, ``m`` the base optimizer's momentum, known before any pass."""
 
@@ -28,8 +34,7 @@ class Momentum(Ascent):
     pre_pass = True
 
     def init(self, opt: Any) -> None:
-        key = BUFFERS.get(type(opt.base_optimizer))
-        if key is None:
+        if _key(opt.base_optimizer) is None:
             raise ValueError(
                 f"{type(opt).__name__} perturbs along the base optimizer's momentum and cannot read it from "
                 f"{type(opt.base_optimizer).__name__}; use one of {', '.join(c.__name__ for c in BUFFERS)}"
@@ -39,16 +44,18 @@ class Momentum(Ascent):
 
     def check_group(self, group: Any) -> None:
         if group.get("momentum", None) == 0 and "nesterov" in group:  # SGD without momentum keeps no buffer
-            raise ValueError(
-                "Momentum-SAM needs SGD with momentum > 0 (momentum=0 keeps no momentum buffer, so nothing "
-                "would ever be perturbed); pass momentum=0.9, say, or use SAM"
+            warnings.warn(
+                "Momentum-SAM over SGD with momentum=0: SGD keeps no momentum buffer, so no step is ever "
+                "perturbed and this is plain SGD; pass momentum=0.9, say, or use SAM",
+                RuntimeWarning,
+                stacklevel=6,
             )
 
     def prepare(self, opt: Any, ctx: StepContext) -> bool:
-        key = BUFFERS[type(opt.base_optimizer)]
+        key = _key(opt.base_optimizer)
         ctx.groups = []
         for group in opt.param_groups:
-            params = [p for p in group["params"] if key in opt.base_optimizer.state.get(p, {})]
+            params = [p for p in group["params"] if opt.base_optimizer.state.get(p, {}).get(key) is not None]
             ctx.groups.append(GroupView(group, params, [torch.neg(opt.base_optimizer.state[p][key]) for p in params]))
         return any(v.params for v in ctx.groups)
 
