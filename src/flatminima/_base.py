@@ -14,21 +14,13 @@ A step of every method in this package is::
 A pre-pass ascent (Momentum-SAM) knows ``eps`` before any pass: its step
 is decide, perturb, one pass at ``w + eps``, restore, combine, descend.
 
-What the method is lives in its three parts (``_parts``: the ascent chain,
-the combine, the schedule); what a data-parallel step must agree on lives
-in ``_replicas``, the GradScaler in ``_scaling``, the base optimizer and the
-state dict in ``_wrapping``, m-sharpness chunks in ``_chunks``. The protocol
-is driven by ``first_step``/``second_step`` and by ``step(closure)``.
-
-A non-finite value in either pass skips the whole step: the weights, the
-base optimizer's state and the method's state stay exactly as they were.
-
-Memory: on the fast path ``w + eps`` is built in the clean gradient's
-buffer, which the parameters point at during the perturbed pass (their own
-storage is untouched, and is ``w`` again afterwards); on the reference path
-``w`` is copied into a scratch buffer and ``eps`` added in place. A plain
-step holds one extra copy of the parameters at its peak and none between
-steps; a combine that needs the clean gradient keeps one more.
+What the method is lives in its parts (``_parts``); replicas, the
+GradScaler, the base optimizer and m-sharpness chunks have rooms of their
+own (docs/architecture.md). A non-finite value in either pass skips the
+whole step: weights, base state and method state stay exactly as they were.
+Memory: ``w + eps`` is built in the clean gradient's buffer, which the
+parameters point at during the perturbed pass (or ``w`` is copied aside):
+one extra copy of the parameters at the step's peak, none between steps.
 """
 
 from __future__ import annotations
@@ -42,10 +34,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import _declare, _options
-from . import _tensorops as T
-from . import _validate as V
-from . import passes as P
+from . import _declare, _options, passes as P, _tensorops as T, _validate as V, _views as views
 from ._chunks import chunked_step, pre_pass_step
 from ._context import GroupView, StepContext, total
 from ._parts import Always, Ascent, Combine, Descend, Plain, Schedule
@@ -57,14 +46,9 @@ __all__ = ["GroupView", "SharpnessAware", "StepContext", "total"]
 
 
 class SharpnessAware(Wrapped):
-    """Base class of every method: the protocol, driven by its parts.
-
-    A method is a subclass that names its parts and the options it takes
-    (see :mod:`flatminima._parts` and :func:`flatminima.compose`)::
-
-        class SAM(SharpnessAware):
-            ascent = (Centralize(), Adaptive())
-    """
+    """Base class of every method: the protocol, driven by its parts. A method
+    is a subclass naming them (``class SAM(SharpnessAware): ascent =
+    (Centralize(), Adaptive())``; docs/composition.md, :func:`flatminima.compose`)."""
 
     ascent: ClassVar[tuple[Ascent, ...]] = (Plain(),)
     combine: ClassVar[Combine] = Descend()
@@ -85,7 +69,7 @@ class SharpnessAware(Wrapped):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        _declare.declare(cls)
+        _declare.declare(cls)  # options, signature, docs and flags from the parts
 
     def __init__(
         self,
@@ -111,7 +95,7 @@ class SharpnessAware(Wrapped):
 
     @classmethod
     def parts(cls) -> tuple[Any, ...]:
-        return (*cls.ascent, cls.combine, cls.schedule)
+        return (*cls.ascent, cls.combine, cls.schedule)  # the order their hooks run in
 
     def _check_group(self, group: Any) -> None:
         super()._check_group(group)
@@ -123,19 +107,14 @@ class SharpnessAware(Wrapped):
     def first_step(self, zero_grad: bool = False, *, scaler: torch.amp.GradScaler | None = None) -> bool:
         """Climb to ``w + eps`` from the gradients of the clean pass.
 
-        Returns True when the caller must now run the perturbed pass
-        (forward and backward at ``w + eps``) and then call
-        :meth:`second_step`; False when this step needs no perturbed pass
-        (the method skips it, or the clean gradient was non-finite): call
-        :meth:`second_step` straight away. With ``zero_grad=True`` the
-        gradients are set to None after a perturbation. A pre-pass method
-        (Momentum-SAM) is called *before* any backward: it perturbs from its
-        state, and its one forward and backward run at ``w + eps``.
-
-        ``scaler``: the ``torch.amp.GradScaler`` that scaled the clean
-        backward. The gradients are unscaled here, the perturbed pass's in
-        :meth:`second_step`, which also calls ``scaler.update()`` once: do
-        not call ``scaler.step`` or ``scaler.update`` yourself.
+        True: run the perturbed pass (forward and backward at ``w + eps``),
+        then :meth:`second_step`; False (no perturbed pass this step, or a
+        non-finite clean gradient): call :meth:`second_step` straight away.
+        ``zero_grad=True`` sets the gradients to None after a perturbation.
+        A pre-pass method (Momentum-SAM) is called *before* its only
+        backward. ``scaler``: the ``torch.amp.GradScaler`` of the backward;
+        :meth:`second_step` calls ``scaler.update()`` once (do not call
+        ``scaler.step``/``update`` yourself).
         """
         if self._phase is not None:
             raise ValueError(
@@ -165,17 +144,12 @@ class SharpnessAware(Wrapped):
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
-        """Come back to ``w`` and take the base optimizer's step.
-
-        After a perturbation the gradients in ``.grad`` must be those of the
-        perturbed pass. A non-finite gradient in either pass skips the whole
-        step: weights and every optimizer state stay exactly as they were,
-        and :attr:`skipped_steps` counts it. When first_step() returned False
-        and a pass ran anyway (the popular snippet always runs the second
-        pass), ``.grad`` re-bound by its ``zero_grad()`` is what the step
-        uses, and it is checked as a second pass is. With a GradScaler given
-        to first_step(), ``scaler.update()`` is called once, skipped or not.
-        """
+        """Come back to ``w`` and take the base optimizer's step with the
+        perturbed pass's gradients in ``.grad``. A non-finite gradient in
+        either pass skips the whole step (counted in :attr:`skipped_steps`).
+        When first_step() returned False and a pass ran anyway (the popular
+        snippet always runs it), what that pass left in ``.grad`` is used and
+        checked."""
         if self._phase is None:
             raise ValueError("second_step() called before first_step()")
         phase, ctx = self._phase, self._pending
@@ -190,9 +164,9 @@ class SharpnessAware(Wrapped):
                     return
                 if ctx.group is not None:
                     self._replicas().average_shards(ctx, False, self.keeps_clean_grad, self.shard_state)
-            elif self.pre_pass or self._grads_replaced(ctx):
+            elif self.pre_pass or views.grads_replaced(ctx):
                 # A pass ran after first_step() returned False: use, and check, what is in .grad now.
-                self._refresh(ctx)
+                views.refresh(ctx, self.param_groups, type(self).__name__)
                 if ctx.scaling is not None:
                     ctx.scaling.unscale([p for v in ctx.groups for p in v.params])
                 ctx.grad_sq = [T.sum_of_squares(v.grads, ctx.foreach) for v in ctx.groups]
@@ -207,9 +181,8 @@ class SharpnessAware(Wrapped):
                 self.zero_grad()
 
     def cancel_step(self) -> None:
-        """Abandon a step between first_step() and second_step(): restore ``w``
-        exactly and leave every state untouched, the GradScaler's included.
-        A no-op when no step is pending."""
+        """Abandon a step between first_step() and second_step(): ``w`` restored
+        exactly, every state (the GradScaler's too) untouched. No-op without one."""
         ctx, self._phase, self._pending = self._pending, None, None
         if ctx is not None:
             self._abandon(ctx)
@@ -222,27 +195,21 @@ class SharpnessAware(Wrapped):
         scaler: torch.amp.GradScaler | None = None,
         chunks: int | None = None,
     ) -> Any:
-        """One full step; ``closure`` zeroes the gradients, runs forward and
-        backward and returns the loss. It is called for the clean pass and,
-        when the method needs it, again at ``w + eps``. Returns the clean
-        loss (a pre-pass method calls it once, at ``w + eps``, and returns
-        that loss). Unlike the popular SAM snippet, do not call ``backward``
-        before ``step``. The closure may hand values to the step with
-        :meth:`note`.
+        """One full step. ``closure`` zeroes the gradients, runs forward and
+        backward and returns the loss (do not call ``backward`` before
+        ``step``); it runs for the clean pass and, when the method needs it,
+        at ``w + eps``. Returns the clean loss (a pre-pass method's one pass is
+        at ``w + eps``). The closure may hand values to the step (:meth:`note`).
 
         Args:
-            closure: zero the gradients, forward, backward, return the loss.
-                A closure that loops over micro-batches (each loss divided
-                by their number) gives gradient accumulation.
-            scaler: a ``torch.amp.GradScaler`` for fp16 mixed precision: the
-                closure calls ``scaler.scale(loss).backward()``; each pass is
-                unscaled, an inf/NaN in either pass skips the whole step and
-                ``scaler.update()`` is called once. Do not call
-                ``scaler.step``/``scaler.update`` yourself.
-            chunks: m-sharpness on one device: ``closure(i)`` runs chunk
-                ``i`` of the batch; each chunk gets its own ``eps`` and the
-                step descends along the chunks' mean (one more copy of the
-                parameters during the step). Returns the mean clean loss.
+            closure: zero the gradients, forward, backward, return the loss; a
+                loop over micro-batches in it gives gradient accumulation.
+            scaler: a ``torch.amp.GradScaler`` (fp16): the closure calls
+                ``scaler.scale(loss).backward()``; each pass is unscaled, an
+                inf/NaN in either skips the step, ``update()`` runs once.
+            chunks: m-sharpness: ``closure(i)`` runs chunk ``i``; each chunk
+                gets its own ``eps``, the step descends along their mean (one
+                more copy of the parameters). Returns the mean clean loss.
         """
         if closure is None:
             raise ValueError(
@@ -309,25 +276,11 @@ class SharpnessAware(Wrapped):
     def _replicas(self) -> Replicas:
         return Replicas(self.model, self.sync_perturbations)
 
-    def _collect(self) -> list[GroupView]:
-        views = []
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            for p in params:
-                self._check_dense(p.grad)
-            views.append(GroupView(group, params, [p.grad for p in params]))
-        return views
-
-    def _use_foreach(self, groups: list[GroupView]) -> bool:
-        if self.foreach is not None:
-            return self.foreach
-        # torch._foreach_* kernels need plain dense tensors (not DTensor & co).
-        return all(type(p) in (Tensor, torch.nn.Parameter) for v in groups for p in v.params)
-
     def _open(self, scaler: Any, group: Any, scaling: ScaledPasses | None = None) -> StepContext:
         """The context of a step (or chunk) from the gradients now in ``.grad``."""
-        groups: list[GroupView] = [] if self.pre_pass else self._collect()
-        fe = self._use_foreach(groups)
+        groups = views.collect(self.param_groups, type(self).__name__)  # refuses sparse gradients
+        groups = [] if self.pre_pass else groups  # a pre-pass step's v comes from state (_prepare)
+        fe = views.use_foreach(self.foreach, groups)
         ctx = StepContext(groups, fe, [], group=group, data=self._data)
         if enabled(scaler):
             ctx.scaling = scaling or ScaledPasses(scaler)  # type: ignore[arg-type]
@@ -337,9 +290,8 @@ class SharpnessAware(Wrapped):
         return ctx
 
     def _finite(self, ctx: StepContext, squares: list[Tensor], every_rank: bool) -> bool:
-        """Whether the gradients whose squared norms are ``squares`` are finite
-        (with ``every_rank``, on every rank). A GradScaler hears of a
-        non-finite value its own check missed."""
+        """Whether the gradients whose squared norms are ``squares`` are finite (on every
+        rank with ``every_rank``); a GradScaler hears of one its own check missed."""
         value = total(squares)
         finite = T.is_finite(value)
         if every_rank:
@@ -354,23 +306,19 @@ class SharpnessAware(Wrapped):
         return self.combine.wants(self, ctx) and wanted
 
     def _prepare(self, ctx: StepContext) -> bool:
-        """A pre-pass ascent's ``v`` from state, in fresh buffers."""
-        ok = self.ascent[0].prepare(self, ctx)
-        ctx.foreach = self._use_foreach(ctx.groups)
+        """A pre-pass ascent's ``v`` from state, in fresh buffers (False: nothing to perturb)."""
+        ok, ctx.foreach = self.ascent[0].prepare(self, ctx), views.use_foreach(self.foreach, ctx.groups)
         ctx.grad_sq = [T.sum_of_squares(v.grads, ctx.foreach) for v in ctx.groups]
         return ok
 
     def _perturb(self, ctx: StepContext) -> None:
-        """The ascent and ``w <- w + eps``. Fast path (foreach, tensors that own
-        their storage): ``w + eps`` in the gradient's buffer, which the
-        parameter points at until restored. Otherwise ``w`` is copied into a
-        scratch buffer and ``eps`` added in place."""
+        """The ascent chain, the global norm, the radius, ``w <- w + eps``."""
         groups, fe = ctx.groups, ctx.foreach
         if self.keeps_clean_grad:
             for v in groups:
                 v.clean = T.clone(v.grads, fe)
         swap = fe and T.can_swap([p for v in groups for p in v.params], [g for v in groups for g in v.grads])
-        scratch = [self._scratch(v, swap) for v in groups]
+        scratch = [views.scratch([a.needs_scratch(v) for a in self.ascent], v, swap) for v in groups]
         ascent_sq = []
         for v, s, g_sq in zip(groups, scratch, ctx.grad_sq):
             changed = False
@@ -378,52 +326,20 @@ class SharpnessAware(Wrapped):
                 changed = part.vector(self, ctx, v, buffer) or changed
             ascent_sq.append(T.sum_of_squares(v.grads, fe) if changed else g_sq)
         norm = total(ascent_sq).sqrt()
-        on_host = norm.device.type == "cpu"  # the factor read once and folded into the add
         for v, s in zip(groups, scratch):
             radius = self.combine.radius(self, ctx, v, v.group["rho"])
             for part, buffer in reversed(list(zip(self.ascent, s))):
                 part.finish(self, ctx, v, buffer)
             for part in self.ascent:
                 radius = part.radius(self, ctx, v, radius)
-            coef = radius / (norm + v.group["norm_eps"])
-            if on_host:
-                coef = float(coef)
-            else:
-                T.mul_(v.grads, coef, fe)  # eps, without a device sync
-                coef = 1.0
-            if swap:
-                if on_host:
-                    T.add_into_(v.grads, v.params, coef)  # w + eps in the gradient's buffer
-                else:
-                    T.add_(v.grads, v.params, fe)
-                v.saved = [p.data for p in v.params]
-                for p, buf in zip(v.params, v.grads):
-                    p.grad = None  # a zero_grad(set_to_none=False) must not zero the weights
-                    p.data = buf
-                v.swapped = True
-            else:
-                saved = next((buf for buf in s if buf), s[0])
-                T.copy_(saved, v.params, fe)
-                T.add_(v.params, v.grads, fe, alpha=coef)
-                v.saved = saved
-            # eps now lives in w: drop our references so that the closure's
-            # zero_grad() frees these buffers before the perturbed backward.
-            v.grads = []
+            views.step_out(v, radius / (norm + v.group["norm_eps"]), swap, s, fe)
         ctx.perturbed = True
-
-    def _scratch(self, view: GroupView, swap: bool) -> list[list[Tensor]]:
-        """One parameter-sized buffer per ascent part that needs one (the
-        first also holds the saved ``w`` on the copy path)."""
-        need = [part.needs_scratch(view) for part in self.ascent]
-        if not swap and not any(need):
-            need[0] = True  # the copy of w
-        return [[torch.empty_like(p, memory_format=torch.preserve_format) for p in view.params] if n else [] for n in need]
 
     def _close_perturbed(self, ctx: StepContext) -> bool:
         """After the perturbed pass: restore ``w``, read ``g_p`` (unscaled) and
         check it; False (the step counted as skipped) when it is non-finite."""
-        self._restore(ctx)
-        self._refresh(ctx)
+        views.restore(ctx)
+        views.refresh(ctx, self.param_groups, type(self).__name__)
         if not any(v.params for v in ctx.groups):
             raise ValueError(
                 f"{type(self).__name__}: the perturbed pass left no gradient in .grad; it must run the "
@@ -448,7 +364,7 @@ class SharpnessAware(Wrapped):
             self.counters["perturbed_steps"] += 1
         else:
             self.combine.combine_unperturbed(self, ctx)
-        self._clip(ctx)
+        views.clip(ctx, self.max_grad_norm)
         self.base_optimizer.step()
         for part in self.parts():
             part.post_step(self, ctx)
@@ -457,59 +373,11 @@ class SharpnessAware(Wrapped):
         self.counters["steps"] += 1
         self._opt_called = True  # LR schedulers check that the optimizer stepped
 
+    @torch.no_grad()
     def _abandon(self, ctx: StepContext) -> None:
-        with torch.no_grad():
-            self._restore(ctx)  # the groups perturbed so far
+        views.restore(ctx)  # the groups perturbed so far
         if ctx.scaling is not None:
             ctx.scaling.forget()
-
-    def _restore(self, ctx: StepContext) -> None:
-        for v in ctx.groups:
-            if v.saved is None:
-                continue
-            if v.swapped:
-                for p, own in zip(v.params, v.saved):
-                    p.data = own  # its own storage, untouched since the clean pass
-                v.swapped = False
-            else:
-                T.copy_(v.params, v.saved, ctx.foreach)
-            v.saved = None  # free the copy (or the w + eps buffer) now
-
-    @staticmethod
-    def _grads_replaced(ctx: StepContext) -> bool:
-        """Whether ``.grad`` no longer holds the tensors first_step() saw."""
-        for v in ctx.groups:
-            seen = dict(zip(map(id, v.params), v.grads))
-            if any(p.grad is not seen.get(id(p), None) for p in v.group["params"]):
-                return True
-        return False
-
-    def _check_dense(self, grad: Tensor) -> None:
-        if grad.is_sparse:
-            raise TypeError(f"{type(self).__name__} does not support sparse gradients")
-
-    def _refresh(self, ctx: StepContext) -> None:
-        """Point the views at the gradients now in ``.grad``: a parameter with a
-        gradient only in the perturbed pass joins (its kept clean gradient is
-        zero, as its eps was), one that lost its gradient drops out."""
-        if not ctx.groups:  # a pre-pass step that did not perturb
-            ctx.groups = [GroupView(g, [], []) for g in self.param_groups]
-        for v in ctx.groups:
-            clean = None if v.clean is None else dict(zip(map(id, v.params), v.clean))
-            v.params = [p for p in v.group["params"] if p.grad is not None]
-            v.grads = [g for p in v.params if (g := p.grad) is not None]
-            for g in v.grads:
-                self._check_dense(g)
-            if clean is not None:
-                v.clean = [clean[id(p)] if id(p) in clean else torch.zeros_like(p) for p in v.params]
-
-    def _clip(self, ctx: StepContext) -> None:
-        if self.max_grad_norm is None:
-            return
-        norm = total([T.sum_of_squares(v.grads, ctx.foreach) for v in ctx.groups]).sqrt()
-        coef = torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0)
-        for v in ctx.groups:
-            T.mul_(v.grads, coef, ctx.foreach)
 
     def _count_skip(self, where: str) -> None:
         self._note_skip(where)
@@ -518,13 +386,9 @@ class SharpnessAware(Wrapped):
     def _note_skip(self, where: str) -> None:
         if not self._warned_skip:
             self._warned_skip = True
-            warnings.warn(
-                f"{type(self).__name__}: non-finite gradient in the {where} pass; the step was skipped "
-                "(weights and optimizer state unchanged). Later skips are counted in "
-                ".skipped_steps without a warning.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+            msg = f"{type(self).__name__}: non-finite gradient in the {where} pass; the step was skipped "
+            msg += "(weights and optimizer state unchanged). Later skips are counted in .skipped_steps without a warning."
+            warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
     def _between_steps(self, what: str) -> None:
         if self._phase is None:
@@ -532,6 +396,3 @@ class SharpnessAware(Wrapped):
         if what:
             raise ValueError(f"{what} called between first_step() and second_step(); save between steps")
         self.cancel_step()
-
-    def _identity(self) -> str:
-        return _declare.identity(type(self))

@@ -18,6 +18,7 @@ from typing import Any, ContextManager, Protocol as _Protocol
 import torch
 from torch import Tensor
 
+from . import _views as views
 from ._context import GroupView, StepContext
 from ._replicas import Replicas, all_reduce_mean_, shard_norms
 from ._scaling import ScaledPasses, enabled
@@ -27,6 +28,7 @@ class Protocol(_Protocol):
     """The pieces of :class:`~flatminima.SharpnessAware` a chunked step drives."""
 
     param_groups: list[dict[str, Any]]
+    foreach: bool | None
     _scaler: Any
 
     @property
@@ -43,10 +45,8 @@ class Protocol(_Protocol):
     def _count_skip(self, where: str) -> None: ...
     def _decide(self, ctx: StepContext) -> bool: ...
     def _perturb(self, ctx: StepContext) -> None: ...
-    def _restore(self, ctx: StepContext) -> None: ...
     def _close_perturbed(self, ctx: StepContext) -> bool: ...
     def _descend(self, ctx: StepContext) -> None: ...
-    def _use_foreach(self, groups: list[GroupView]) -> bool: ...
     def zero_grad(self, set_to_none: bool = True) -> None: ...
     def perturbed_pass(self) -> ContextManager[Any]: ...
 
@@ -232,7 +232,7 @@ def _sweep(
                     opt._run_closure(chunk, "perturbed")
             except BaseException:
                 with torch.no_grad():
-                    opt._restore(ctx)
+                    views.restore(ctx)
                 raise
             with torch.no_grad():
                 if not opt._close_perturbed(ctx):
@@ -245,7 +245,7 @@ def _sweep(
 def _chunk_mean(opt: Protocol, sums: ShardSum, n: int, group: Any, perturbed: bool) -> StepContext:
     """The step's context from the chunks' sums (averaged over replicas too)."""
     groups = sums.mean_views(opt.param_groups, n)
-    ctx = StepContext(groups, opt._use_foreach(groups), sums.grad_sq(n), perturbed=perturbed, group=group, chunked=True)
+    ctx = StepContext(groups, views.use_foreach(opt.foreach, groups), sums.grad_sq(n), perturbed=perturbed, group=group, chunked=True)
     ctx.extra = sums.mean_state(n)
     if group is not None:
         opt._replicas().average_shards(ctx, True, opt.keeps_clean_grad, opt.shard_state)

@@ -20,6 +20,15 @@ from torch.optim import lr_scheduler as S
 RECORDED_LR_MAX = "recorded_lr_max"
 
 
+def check_range(group: Mapping[str, Any]) -> None:
+    """``rho_min <= rho`` and ``lr_min <= lr_max``, where given."""
+    rho, rho_min, lr_max, lr_min = group["rho"], group["rho_min"], group["lr_max"], group["lr_min"]
+    if rho_min is not None and rho_min > rho:
+        raise ValueError(f"Invalid rho_min value: {rho_min} (must be <= rho = {rho})")
+    if lr_max is not None and lr_min is not None and lr_min > lr_max:
+        raise ValueError(f"Invalid lr_min value: {lr_min} (must be <= lr_max = {lr_max})")
+
+
 def lr_range(group: Mapping[str, Any]) -> tuple[Any, Any]:
     """``(lr_min, lr_max)`` the schedule of this group uses now."""
     lr_max = group["lr_max"]

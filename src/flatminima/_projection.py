@@ -1,4 +1,4 @@
-"""LookSAM's projection: the part of ``g_s`` orthogonal to ``g``, with its norm read once.
+"""LookSAM's projection and reuse: the part ``g_v`` of ``g_s`` orthogonal to ``g``, added back between SAM steps.
 
 ``g_v = g_s - <g, g_s> / ||g||^2 * g`` (``g_s`` where ``g = 0``), globally or
 per tensor. A ``g_v`` at rounding level, ``||g_v|| <= 4 eps_dtype ||g_s||``, is
@@ -9,6 +9,7 @@ and is set to 0: the reuse step would scale it up.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -66,3 +67,26 @@ def orthogonal_part_(ctx: StepContext, layerwise: bool) -> float | dict[Tensor, 
             gv_norms[i] = 0.0
         norms.update(zip(v.params, gv_norms))
     return norms
+
+
+def add_reuse_(opt: Any, ctx: StepContext, layerwise: bool) -> None:
+    """A reuse step: ``g += alpha ||g|| / (||g_v|| + eps0) g_v`` in ``.grad`` for
+    every parameter with a kept ``g_v`` (``opt.state[p]["g_v"]``), globally or
+    per tensor; ``||g_v||`` was read at the SAM step, ``||g||`` costs one sync."""
+    if all(v.group["alpha"] == 0.0 for v in ctx.groups):
+        return
+    index = {id(p): i for i, p in enumerate(opt._all_params())}
+    g_norm = None if layerwise else math.sqrt(float(total(ctx.grad_sq)))
+    for v in ctx.groups:
+        alpha, eps0 = v.group["alpha"], v.group["norm_eps"]
+        have = [(p, g) for p, g in zip(v.params, v.grads) if "g_v" in opt.state.get(p, {})]
+        if alpha == 0.0 or not have:
+            continue
+        grads, gvs = [g for _, g in have], [opt.state[p]["g_v"] for p, _ in have]
+        if g_norm is None:
+            stored = opt.method_state["g_v_norms"]
+            norms = [math.sqrt(x) for x in host_floats(T.dots(grads, grads, ctx.foreach))]
+            coefs = [alpha * a / (stored[index[id(p)]] + eps0) for a, (p, _) in zip(norms, have)]
+            T.add_each_(grads, gvs, coefs, ctx.foreach)
+        else:
+            T.add_(grads, gvs, ctx.foreach, alpha=alpha * g_norm / (opt.method_state["g_v_norm"] + eps0))

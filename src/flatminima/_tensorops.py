@@ -305,3 +305,11 @@ def can_swap(params: TensorList, grads: TensorList) -> bool:
 
 def _sole_owner(t: Tensor) -> bool:
     return not t._is_view() and t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+
+
+def add_scaled_(dst: TensorList, src: TensorList, coef: Scalar, foreach: bool) -> None:
+    """``d_i <- d_i + coef * s_i`` with a Python number or a 0-dim tensor ``coef``."""
+    if isinstance(coef, Tensor):
+        axpby_(dst, 1.0, src, coef, foreach)
+    else:
+        add_(dst, src, foreach, alpha=coef)

@@ -72,3 +72,29 @@ def optional_non_negative(name: str, value: Any) -> float | None:
 
 def optional_flag(name: str, value: Any) -> bool | None:
     return None if value is None else flag(name, value)
+
+
+def below_one(name: str, value: Any) -> float:
+    """``0 <= value < 1`` (a decay, a weight that must leave room for the rest)."""
+    return in_range(name, value, 0.0, 1.0, high_open=True)
+
+
+def above_zero(name: str, value: Any) -> float:
+    """``0 < value <= 1`` (a probability or a fraction that must keep something)."""
+    return in_range(name, value, 0.0, 1.0, low_open=True)
+
+
+def fraction(name: str, value: Any) -> float:
+    """``0 <= value <= 1``."""
+    return in_range(name, value, 0.0, 1.0)
+
+
+def optional_seed(name: str, value: Any) -> int | None:
+    """None, or an int in ``[0, 2**64)``."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int or None, got {value!r} of type {type(value).__name__}")
+    if not 0 <= value < 1 << 64:
+        raise ValueError(f"Invalid {name} value: {value} (must be in [0, 2**64))")
+    return value

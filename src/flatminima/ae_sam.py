@@ -3,26 +3,19 @@
 from __future__ import annotations
 
 import math
-import statistics
-from functools import partial
-from typing import TYPE_CHECKING
-
+from statistics import NormalDist
 from . import _validate as V
+from ._base import SharpnessAware
 from ._context import StepContext, total
 from ._options import Option
 from ._parts import Schedule
 from .sam import SAM
 
-if TYPE_CHECKING:
-    from ._base import SharpnessAware
-
 
 def initial_threshold(sam_fraction: float) -> float:
     """``c_0 = Phi^-1(1 - r)``: the threshold that a normally distributed
     ``||g||^2`` exceeds with probability ``r`` (0 for ``r`` in {0, 1})."""
-    if sam_fraction <= 0.0 or sam_fraction >= 1.0:
-        return 0.0
-    return statistics.NormalDist().inv_cdf(1.0 - sam_fraction)
+    return 0.0 if sam_fraction <= 0.0 or sam_fraction >= 1.0 else NormalDist().inv_cdf(1.0 - sam_fraction)
 
 
 class AdaptivePolicy(Schedule):
@@ -30,8 +23,8 @@ class AdaptivePolicy(Schedule):
 
     name = "ae_sam"
     options = {
-        "sam_fraction": Option(0.5, partial(V.in_range, low=0.0, high=1.0), "target fraction r of SAM steps", wide=True),
-        "decay": Option(0.9, partial(V.in_range, low=0.0, high=1.0, high_open=True), "decay of the EMAs", wide=True),
+        "sam_fraction": Option(0.5, V.fraction, "target fraction r of SAM steps", wide=True),
+        "decay": Option(0.9, V.below_one, "decay of the EMAs", wide=True),
         "gain": Option(0.05, V.positive, "step of the threshold controller", wide=True),
     }
     reads_gradient = True  # ||g||^2 against its running statistics
@@ -43,20 +36,17 @@ class AdaptivePolicy(Schedule):
     def decide(self, opt: SharpnessAware, ctx: StepContext) -> bool:
         state, decay, r = opt.method_state, opt.decay, opt.sam_fraction  # type: ignore[attr-defined]
         x = float(total(ctx.grad_sq))
-        if state["step"] == 0:
-            mu, var = x, 0.0
-        else:
-            mu = decay * state["mu"] + (1.0 - decay) * x
-            var = decay * state["var"] + (1.0 - decay) * (x - mu) ** 2
+        first = state["step"] == 0  # the averages start at x_1
+        mu = x if first else decay * state["mu"] + (1.0 - decay) * x
+        var = 0.0 if first else decay * state["var"] + (1.0 - decay) * (x - mu) ** 2
         sam = True if r >= 1.0 else False if r <= 0.0 else x >= mu + state["c"] * math.sqrt(var)
         ctx.extra["ae_sam"] = (mu, var, sam)  # committed after the base step
         return sam
 
     def post_step(self, opt: SharpnessAware, ctx: StepContext) -> None:
         mu, var, sam = ctx.extra["ae_sam"]
-        state = opt.method_state
-        state["mu"], state["var"] = mu, var
-        state["c"] = state["c"] + opt.gain * (float(sam) - opt.sam_fraction)  # type: ignore[attr-defined]
+        c = opt.method_state["c"] + opt.gain * (float(sam) - opt.sam_fraction)  # type: ignore[attr-defined]
+        opt.method_state.update(mu=mu, var=var, c=c)
 
 
 class AESAM(SAM):
@@ -108,17 +98,9 @@ class AESAM(SAM):
     copy of the parameters during a SAM step (the saved ``w``), none
     between steps.
 
-    Example:
-        >>> import torch, flatminima
-        >>> model = torch.nn.Linear(4, 2)
-        >>> x, y = torch.randn(8, 4), torch.randn(8, 2)
+    Example (``model`` and ``closure(opt)`` as in :class:`~flatminima.SAM`'s):
         >>> opt = flatminima.AESAM(model.parameters(), torch.optim.SGD, rho=0.05, sam_fraction=0.5, lr=0.1)
-        >>> def closure():
-        ...     opt.zero_grad()
-        ...     loss = torch.nn.functional.mse_loss(model(x), y)
-        ...     loss.backward()
-        ...     return loss
-        >>> loss = opt.step(closure)
+        >>> loss = opt.step(closure(opt))
         >>> opt.perturbed_steps   # the first step is a SAM step (var = 0)
         1
 

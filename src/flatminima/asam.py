@@ -19,16 +19,12 @@ Minimization for Scale-Invariant Learning of Deep Neural Networks. ICML
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from torch import Tensor
 
 from . import _tensorops as T
+from ._base import SharpnessAware
 from ._context import GroupView, StepContext
 from ._parts import Ascent
-
-if TYPE_CHECKING:
-    from ._base import SharpnessAware
 
 
 class Adaptive(Ascent):

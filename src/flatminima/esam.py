@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from . import _tensorops as T
-from . import _validate as V
+from . import _tensorops as T, _validate as V
 from ._base import SharpnessAware
 from ._context import GroupView, StepContext
 from ._options import Option
@@ -19,24 +17,14 @@ from ._selection import SampleSelection, step_seed
 __all__ = ["ESAM", "Mask", "step_seed"]
 
 
-def _seed(name: str, value: Any) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"seed must be an int or None, got {value!r} of type {type(value).__name__}")
-    if not 0 <= value < 1 << 64:
-        raise ValueError(f"Invalid seed value: {value} (must be in [0, 2**64))")
-    return value
-
-
 class Mask(Ascent):
     """``eps_j = (rho / beta) g_j / ||g_A||`` on a random subset ``A`` of the tensors, 0 elsewhere."""
 
     name = "esam"
     options = {
-        "beta": Option(0.5, partial(V.in_range, low=0.0, high=1.0, low_open=True), "probability a tensor is perturbed"),
-        "gamma": Option(0.5, partial(V.in_range, low=0.0, high=1.0, low_open=True), "fraction of the batch kept", wide=True),
-        "seed": Option(None, _seed, "seed of the tensor masks", wide=True, saved=False),
+        "beta": Option(0.5, V.above_zero, "probability a tensor is perturbed"),
+        "gamma": Option(0.5, V.above_zero, "fraction of the batch kept", wide=True),
+        "seed": Option(None, V.optional_seed, "seed of the tensor masks", wide=True, saved=False),
         "skip_inactive_grads": Option(True, V.flag, "no clean gradients for unperturbed tensors", wide=True),
     }
     counts_steps = True

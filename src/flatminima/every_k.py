@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from . import _validate as V
+from ._base import SharpnessAware
 from ._context import StepContext
 from ._options import Option
 from ._parts import Schedule
 from .sam import SAM
-
-if TYPE_CHECKING:
-    from ._base import SharpnessAware
 
 
 class EveryK(Schedule):
@@ -54,18 +50,10 @@ class SAMEveryK(SAM):
     Cost: ``1 + 1/k`` forward-backward passes per step on average. Memory:
     one copy of the parameters during a SAM step, none otherwise.
 
-    Example:
-        >>> import torch, flatminima
-        >>> model = torch.nn.Linear(4, 2)
-        >>> x, y = torch.randn(8, 4), torch.randn(8, 2)
+    Example (``model`` and ``closure(opt)`` as in :class:`~flatminima.SAM`'s):
         >>> opt = flatminima.SAMEveryK(model.parameters(), torch.optim.SGD, k=2, rho=0.05, lr=0.1)
-        >>> def closure():
-        ...     opt.zero_grad()
-        ...     loss = torch.nn.functional.mse_loss(model(x), y)
-        ...     loss.backward()
-        ...     return loss
         >>> for _ in range(4):
-        ...     loss = opt.step(closure)
+        ...     loss = opt.step(closure(opt))
         >>> opt.perturbed_steps
         2
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from . import _tensorops as T
-from . import _validate as V
+from . import _tensorops as T, _validate as V
 from ._base import SharpnessAware
 from ._context import GroupView, StepContext
 from ._options import Option
@@ -56,17 +55,9 @@ class FisherSAM(SharpnessAware):
     Memory: one copy of the parameters during the step (``sqrt(f)`` lives in
     the scratch buffer that then holds the saved ``w``), none between steps.
 
-    Example:
-        >>> import torch, flatminima
-        >>> model = torch.nn.Linear(4, 2)
-        >>> x, y = torch.randn(8, 4), torch.randn(8, 2)
+    Example (``model`` and ``closure(opt)`` as in :class:`~flatminima.SAM`'s):
         >>> opt = flatminima.FisherSAM(model.parameters(), torch.optim.SGD, rho=0.1, eta=1.0, lr=0.1)
-        >>> def closure():
-        ...     opt.zero_grad()
-        ...     loss = torch.nn.functional.mse_loss(model(x), y)
-        ...     loss.backward()
-        ...     return loss
-        >>> loss = opt.step(closure)
+        >>> loss = opt.step(closure(opt))
         >>> opt.step_count
         1
 

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from functools import partial
 
 from torch import Tensor
 
-from . import _tensorops as T
-from . import _validate as V
+from . import _tensorops as T, _validate as V
 from ._base import SharpnessAware
 from ._context import GroupView, StepContext
 from ._options import Option
@@ -20,7 +18,7 @@ class Friendly(Ascent):
     name = "friendly"
     options = {
         "sigma": Option(1.0, V.non_negative, "how much of the average gradient m is removed"),
-        "lam": Option(0.9, partial(V.in_range, low=0.0, high=1.0, high_open=True), "decay of m"),
+        "lam": Option(0.9, V.below_one, "decay of m"),
     }
     reads_gradient = True
     shard_state = ("m",)  # the new average, from this shard's gradient
@@ -78,17 +76,9 @@ class FriendlySAM(SharpnessAware):
     two more (the saved ``w`` and the new ``m``, which replaces the old one
     after the base step).
 
-    Example:
-        >>> import torch, flatminima
-        >>> model = torch.nn.Linear(4, 2)
-        >>> x, y = torch.randn(8, 4), torch.randn(8, 2)
+    Example (``model`` and ``closure(opt)`` as in :class:`~flatminima.SAM`'s):
         >>> opt = flatminima.FriendlySAM(model.parameters(), torch.optim.SGD, rho=0.2, sigma=1.0, lam=0.6, lr=0.05)
-        >>> def closure():
-        ...     opt.zero_grad()
-        ...     loss = torch.nn.functional.mse_loss(model(x), y)
-        ...     loss.backward()
-        ...     return loss
-        >>> loss = opt.step(closure)
+        >>> loss = opt.step(closure(opt))
         >>> opt.step_count
         1
 

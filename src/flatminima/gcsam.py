@@ -19,16 +19,12 @@ Minimization. arXiv:2501.11584 (docs/algorithms.md#8-gcsam).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from torch import Tensor
 
 from . import _tensorops as T
+from ._base import SharpnessAware
 from ._context import GroupView, StepContext
 from ._parts import Ascent
-
-if TYPE_CHECKING:
-    from ._base import SharpnessAware
 
 
 class Centralize(Ascent):

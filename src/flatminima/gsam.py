@@ -5,18 +5,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from torch import Tensor
-
 from . import _lr_range as R
-from . import _tensorops as T
-from . import _validate as V
+from . import _tensorops as T, _validate as V
 from ._base import SharpnessAware
 from ._context import GroupView, StepContext, total
 from ._options import Option
 from ._parts import Combine
 from .asam import Adaptive
 
-RECORDED_LR_MAX = R.RECORDED_LR_MAX
 
 
 class SurrogateGap(Combine):
@@ -32,11 +28,7 @@ class SurrogateGap(Combine):
     needs_clean_grad = True
 
     def check_group(self, group: Mapping[str, Any]) -> None:
-        rho, rho_min, lr_max, lr_min = group["rho"], group["rho_min"], group["lr_max"], group["lr_min"]
-        if rho_min is not None and rho_min > rho:
-            raise ValueError(f"Invalid rho_min value: {rho_min} (must be <= rho = {rho})")
-        if lr_max is not None and lr_min is not None and lr_min > lr_max:
-            raise ValueError(f"Invalid lr_min value: {lr_min} (must be <= lr_max = {lr_max})")
+        R.check_range(group)
 
     def radius(self, opt: SharpnessAware, ctx: StepContext, view: GroupView, radius: Any) -> Any:
         return R.current_rho(view.group)
@@ -101,20 +93,12 @@ class GSAM(SharpnessAware):
     and the clean gradient ``g``, which then holds ``g_perp``), none between
     steps.
 
-    Example:
-        >>> import torch, flatminima
-        >>> model = torch.nn.Linear(4, 2)
-        >>> x, y = torch.randn(8, 4), torch.randn(8, 2)
+    Example (``model`` and ``closure(opt)`` as in :class:`~flatminima.SAM`'s):
         >>> opt = flatminima.GSAM(model.parameters(), torch.optim.AdamW, rho=0.6, rho_min=0.0, alpha=0.4, lr=3e-3)
         >>> sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=300, eta_min=3e-5)
         >>> opt.set_lr_range(sched)            # lr_max = 3e-3, lr_min = 3e-5
         [(3e-05, 0.003)]
-        >>> def closure():
-        ...     opt.zero_grad()
-        ...     loss = torch.nn.functional.mse_loss(model(x), y)
-        ...     loss.backward()
-        ...     return loss
-        >>> loss = opt.step(closure); sched.step()
+        >>> loss = opt.step(closure(opt)); sched.step()
         >>> float(opt.current_rho(opt.param_groups[0]))   # rho_t follows the lr down
         0.59998...
 
@@ -136,13 +120,6 @@ class GSAM(SharpnessAware):
     """
     ascent = (Adaptive(),)
     combine = SurrogateGap()
-    lr_range = staticmethod(R.lr_range)
-
-    def current_rho(self, group: Mapping[str, Any]) -> float | Tensor:
-        """The radius ``rho_t`` a step would use now in ``group`` (for logging)."""
-        return R.current_rho(group)
-
-    def set_lr_range(self, scheduler: Any) -> list[tuple[float, float]]:
-        return R.set_lr_range(self, scheduler)
-
-    set_lr_range.__doc__ = R.set_lr_range.__doc__
+    lr_range = staticmethod(R.lr_range)  # (lr_min, lr_max) of a group now
+    current_rho = staticmethod(R.current_rho)  # the radius rho_t a step would use now in a group
+    set_lr_range = R.set_lr_range  # lr_min/lr_max of every group from a torch LR scheduler

@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import math
-
-from torch import Tensor
-
-from . import _tensorops as T
 from . import _validate as V
 from ._base import SharpnessAware
-from ._context import StepContext, total
+from ._context import StepContext
 from ._options import Option
-from ._projection import host_floats, orthogonal_part_
+from ._projection import add_reuse_, orthogonal_part_
 from ._parts import Combine, Plain
 from .every_k import EveryK
 
@@ -36,32 +31,15 @@ class Reuse(Combine):
 
     def combine_unperturbed(self, opt: SharpnessAware, ctx: StepContext) -> None:
         """``g += c g_v`` per tensor with a host scalar ``c`` (fused, no temporary)."""
-        if all(v.group["alpha"] == 0.0 for v in ctx.groups):
-            return
-        index = {id(p): i for i, p in enumerate(opt._all_params())}
-        g_norm = None if opt.layerwise else math.sqrt(float(total(ctx.grad_sq)))  # type: ignore[attr-defined]
-        for v in ctx.groups:
-            alpha, eps0 = v.group["alpha"], v.group["norm_eps"]
-            have = [(p, g) for p, g in zip(v.params, v.grads) if "g_v" in opt.state.get(p, {})]
-            if alpha == 0.0 or not have:
-                continue
-            grads, gvs = [g for _, g in have], [opt.state[p]["g_v"] for p, _ in have]
-            if g_norm is None:
-                stored = opt.method_state["g_v_norms"]
-                norms = [math.sqrt(x) for x in host_floats(T.dots(grads, grads, ctx.foreach))]
-                coefs = [alpha * a / (stored[index[id(p)]] + eps0) for a, (p, _) in zip(norms, have)]
-                T.add_each_(grads, gvs, coefs, ctx.foreach)
-            else:
-                T.add_(grads, gvs, ctx.foreach, alpha=alpha * g_norm / (opt.method_state["g_v_norm"] + eps0))
+        add_reuse_(opt, ctx, opt.layerwise)  # type: ignore[attr-defined]
 
     def post_step(self, opt: SharpnessAware, ctx: StepContext) -> None:
         if not ctx.perturbed:
             return
         new, norms = dict(ctx.extra["g_v"]), ctx.extra["g_v_norm"]
         if opt.layerwise:  # type: ignore[attr-defined]  # per tensor, in parameter order (None: no g_v)
-            opt.method_state["g_v_norms"] = [norms.get(p) for p in opt._all_params()]
-        else:
-            opt.method_state["g_v_norm"] = norms
+            norms = [norms.get(p) for p in opt._all_params()]
+        opt.method_state["g_v_norms" if opt.layerwise else "g_v_norm"] = norms  # type: ignore[attr-defined]
         for p in opt._all_params():
             if p in new:
                 opt.state[p]["g_v"] = new[p]
@@ -134,17 +112,9 @@ class LookSAM(SharpnessAware):
     during the step (the saved ``w`` and the clean gradient ``g``, whose
     buffer then becomes the new ``g_v``); none on reuse steps.
 
-    Example:
-        >>> import torch, flatminima
-        >>> model = torch.nn.Linear(4, 2)
-        >>> x, y = torch.randn(8, 4), torch.randn(8, 2)
+    Example (``model`` and ``closure(opt)`` as in :class:`~flatminima.SAM`'s):
         >>> opt = flatminima.LookSAM(model.parameters(), torch.optim.SGD, rho=0.05, k=5, alpha=0.7, lr=0.1)
-        >>> def closure():
-        ...     opt.zero_grad()
-        ...     loss = torch.nn.functional.mse_loss(model(x), y)
-        ...     loss.backward()
-        ...     return loss
-        >>> loss = opt.step(closure)
+        >>> loss = opt.step(closure(opt))
         >>> opt.step_count
         1
 

@@ -14,11 +14,7 @@ from ._parts import Ascent
 #: base optimizers whose state Momentum-SAM reads, and the key of the momentum there
 BUFFERS: dict[type[torch.optim.Optimizer], str] = {
     torch.optim.SGD: "momentum_buffer",
-    torch.optim.Adam: "exp_avg",
-    torch.optim.AdamW: "exp_avg",
-    torch.optim.NAdam: "exp_avg",
-    torch.optim.RAdam: "exp_avg",
-    torch.optim.Adamax: "exp_avg",
+    **dict.fromkeys((torch.optim.Adam, torch.optim.AdamW, torch.optim.NAdam, torch.optim.RAdam, torch.optim.Adamax), "exp_avg"),
 }
 
 
@@ -44,12 +40,8 @@ class Momentum(Ascent):
 
     def check_group(self, group: Any) -> None:
         if group.get("momentum", None) == 0 and "nesterov" in group:  # SGD without momentum keeps no buffer
-            warnings.warn(
-                "Momentum-SAM over SGD with momentum=0: SGD keeps no momentum buffer, so no step is ever "
-                "perturbed and this is plain SGD; pass momentum=0.9, say, or use SAM",
-                RuntimeWarning,
-                stacklevel=6,
-            )
+            msg = "Momentum-SAM over SGD with momentum=0: SGD keeps no momentum buffer, so no step is ever "
+            warnings.warn(msg + "perturbed and this is plain SGD; pass momentum=0.9, say, or use SAM", RuntimeWarning)
 
     def prepare(self, opt: Any, ctx: StepContext) -> bool:
         key = _key(opt.base_optimizer)
@@ -99,18 +91,10 @@ class MomentumSAM(SharpnessAware):
     one copy of the parameters during the step (``w + eps`` is built in a
     fresh buffer the parameters point at), none between steps.
 
-    Example:
-        >>> import torch, flatminima
-        >>> model = torch.nn.Linear(4, 2)
-        >>> x, y = torch.randn(8, 4), torch.randn(8, 2)
+    Example (``model`` and ``closure(opt)`` as in :class:`~flatminima.SAM`'s):
         >>> opt = flatminima.MomentumSAM(model.parameters(), torch.optim.SGD, rho=0.3, lr=0.1, momentum=0.9)
-        >>> def closure():
-        ...     opt.zero_grad()
-        ...     loss = torch.nn.functional.mse_loss(model(x), y)
-        ...     loss.backward()
-        ...     return loss
         >>> for _ in range(3):
-        ...     loss = opt.step(closure)
+        ...     loss = opt.step(closure(opt))
         >>> opt.step_count, opt.perturbed_steps   # no momentum at the first step
         (3, 2)
 

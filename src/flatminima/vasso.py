@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from functools import partial
 
 from torch import Tensor
 
-from . import _tensorops as T
-from . import _validate as V
+from . import _tensorops as T, _validate as V
 from ._base import SharpnessAware
 from ._context import GroupView, StepContext
 from ._options import Option
@@ -18,7 +16,7 @@ class Variance(Ascent):
     """``v = d = theta g + (1 - theta) d``, committed after a perturbed step."""
 
     name = "vasso"
-    options = {"theta": Option(0.9, partial(V.in_range, low=0.0, high=1.0, low_open=True), "weight of g in d")}
+    options = {"theta": Option(0.9, V.above_zero, "weight of g in d")}
     reads_gradient = True
     shard_state = ("d",)  # the new average, from this shard's gradient
 
@@ -64,17 +62,9 @@ class VaSSO(SharpnessAware):
     two more (the saved ``w`` and the new ``d``, which replaces the old one
     after the base step).
 
-    Example:
-        >>> import torch, flatminima
-        >>> model = torch.nn.Linear(4, 2)
-        >>> x, y = torch.randn(8, 4), torch.randn(8, 2)
+    Example (``model`` and ``closure(opt)`` as in :class:`~flatminima.SAM`'s):
         >>> opt = flatminima.VaSSO(model.parameters(), torch.optim.SGD, rho=0.2, theta=0.9, lr=0.1)
-        >>> def closure():
-        ...     opt.zero_grad()
-        ...     loss = torch.nn.functional.mse_loss(model(x), y)
-        ...     loss.backward()
-        ...     return loss
-        >>> loss = opt.step(closure)
+        >>> loss = opt.step(closure(opt))
         >>> opt.step_count
         1
 

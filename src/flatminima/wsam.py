@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any
 
 from torch import Tensor
 
-from . import _tensorops as T
-from . import _validate as V
+from . import _tensorops as T, _validate as V
 from ._base import SharpnessAware
-from ._context import StepContext
+from ._context import GroupView, StepContext
 from ._options import Option
 from ._parts import Combine
 from .asam import Adaptive
-
-
-def _alpha(group: dict[str, Any]) -> float:
-    return group["gamma"] / (1.0 - group["gamma"])  # type: ignore[no-any-return]
 
 
 class Weighted(Combine):
@@ -25,45 +19,40 @@ class Weighted(Combine):
 
     name = "wsam"
     options = {
-        "gamma": Option(0.9, partial(V.in_range, low=0.0, high=1.0, high_open=True), "weight of the sharpness term"),
+        "gamma": Option(0.9, V.below_one, "weight of the sharpness term"),
         "decouple": Option(True, V.flag, "apply the sharpness term after the base step"),
     }
     needs_clean_grad = True
 
+    @staticmethod
+    def alpha(group: dict[str, Any]) -> Any:
+        return group["gamma"] / (1.0 - group["gamma"])
+
     def wants(self, opt: SharpnessAware, ctx: StepContext) -> bool:
-        return any(_alpha(v.group) != 0.0 for v in ctx.groups if v.params)
+        return any(self.alpha(v.group) != 0.0 for v in ctx.groups if v.params)
 
     def combine(self, opt: SharpnessAware, ctx: StepContext) -> None:
-        sharp: list[list[Tensor] | None] = []
-        for v in ctx.groups:
-            alpha, fe = _alpha(v.group), ctx.foreach
-            assert v.clean is not None
-            if v.group["decouple"]:
-                # s = g_p - g in g_p's buffer; the base optimizer gets g itself.
-                T.add_(v.grads, v.clean, fe, alpha=-1.0)
-                sharp.append(v.grads if alpha != 0.0 else None)
-                for p, g in zip(v.params, v.clean):
-                    p.grad = g
-                v.grads = v.clean
-            else:
-                sharp.append(None)
-                if alpha == 0.0:  # exact at alpha = 0 (base) and 1 (SAM)
-                    T.copy_(v.grads, v.clean, fe)
-                elif alpha != 1.0:
-                    T.axpby_(v.grads, alpha, v.clean, 1.0 - alpha, fe)
-            v.clean = None
-        ctx.extra["sharpness"] = sharp
+        ctx.extra["sharpness"] = [self._direction(v, ctx.foreach) for v in ctx.groups]
+
+    def _direction(self, v: GroupView, fe: bool) -> list[Tensor] | None:
+        """The group's direction in ``.grad``; returns the decoupled term ``s``."""
+        alpha, clean, v.clean = self.alpha(v.group), v.clean or [], None
+        if v.group["decouple"]:  # s = g_p - g in g_p's buffer; the base optimizer gets g itself
+            T.add_(v.grads, clean, fe, alpha=-1.0)
+            s, v.grads = v.grads, clean
+            for p, g in zip(v.params, clean):
+                p.grad = g
+            return s if alpha != 0.0 else None
+        if alpha == 0.0:  # exact at alpha = 0 (the base step) and 1 (SAM)
+            T.copy_(v.grads, clean, fe)
+        elif alpha != 1.0:
+            T.axpby_(v.grads, alpha, clean, 1.0 - alpha, fe)
+        return None
 
     def post_step(self, opt: SharpnessAware, ctx: StepContext) -> None:
-        if not ctx.perturbed:
-            return
-        for v, s in zip(ctx.groups, ctx.extra["sharpness"]):
-            if s is not None:
-                coef = -_alpha(v.group) * v.group["lr"]
-                if isinstance(coef, Tensor):
-                    T.axpby_(v.params, 1.0, s, coef, ctx.foreach)
-                else:
-                    T.add_(v.params, s, ctx.foreach, alpha=coef)
+        for v, s in zip(ctx.groups, ctx.extra["sharpness"] if ctx.perturbed else ()):
+            if s is not None:  # a plain SGD step with the group's current lr, not preconditioned
+                T.add_scaled_(v.params, s, -self.alpha(v.group) * v.group["lr"], ctx.foreach)
 
 
 class WSAM(SharpnessAware):
@@ -104,17 +93,9 @@ class WSAM(SharpnessAware):
     ``s`` is computed in the perturbed gradient's buffer and ``.grad`` is
     re-bound to the copy of ``g``, so the base optimizer sees ``g`` exactly.
 
-    Example:
-        >>> import torch, flatminima
-        >>> model = torch.nn.Linear(4, 2)
-        >>> x, y = torch.randn(8, 4), torch.randn(8, 2)
+    Example (``model`` and ``closure(opt)`` as in :class:`~flatminima.SAM`'s):
         >>> opt = flatminima.WSAM(model.parameters(), torch.optim.SGD, rho=0.05, gamma=0.9, lr=0.1)
-        >>> def closure():
-        ...     opt.zero_grad()
-        ...     loss = torch.nn.functional.mse_loss(model(x), y)
-        ...     loss.backward()
-        ...     return loss
-        >>> loss = opt.step(closure)
+        >>> loss = opt.step(closure(opt))
         >>> opt.step_count
         1
 

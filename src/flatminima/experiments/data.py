@@ -23,7 +23,6 @@ import json
 import os
 import pickle
 import random
-import tempfile
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -33,6 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .checkpoint import atomic_write
 from .errors import ConfigError, DataError
 
 DATASETS = ("mnist1d", "digits", "cifar10", "cifar100")
@@ -209,19 +209,9 @@ def load_mnist1d(num_samples: int = 10000, data_dir: str | os.PathLike[str] | No
 
 
 def _atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            # allow_pickle spelled out (its default) so the typed stubs do not
-            # read ``**arrays`` as possibly binding it.
-            np.savez(f, allow_pickle=True, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    # allow_pickle spelled out (its default) so the typed stubs do not read
+    # ``**arrays`` as possibly binding it; atomic, with a checkpoint's permissions
+    atomic_write(path, lambda f: np.savez(f, allow_pickle=True, **arrays))
 
 
 # --------------------------------------------------------------------------- digits

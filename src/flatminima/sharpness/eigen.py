@@ -133,14 +133,8 @@ def hessian_eigenvalues(
     Example: least squares on two weights, ``L(w) = mean_i (w . x_i - y_i)^2``,
     whose Hessian is ``diag(1, 4)``:
 
-    >>> import torch
-    >>> from torch import nn
-    >>> import flatminima
-    >>> model = nn.Linear(2, 1, bias=False)
-    >>> _ = nn.init.zeros_(model.weight)
-    >>> x, y = torch.tensor([[1.0, 0.0], [0.0, 2.0]]), torch.ones(2, 1)
-    >>> mse = nn.functional.mse_loss
-    >>> res = flatminima.sharpness.hessian_eigenvalues(model, [(x, y)], k=2, loss_fn=mse)
+    >>> model, data, mse = least_squares()  # written out in flatminima.sharpness.hvp's example
+    >>> res = flatminima.sharpness.hessian_eigenvalues(model, data, k=2, loss_fn=mse)
     >>> [round(lam, 2) for lam in res.eigenvalues]  # [lambda_1, lambda_2]
     [4.0, 1.0]
     >>> res.converged
@@ -180,14 +174,8 @@ def lambda_max(
     Example: least squares on two weights, ``L(w) = mean_i (w . x_i - y_i)^2``,
     whose Hessian is ``diag(1, 4)``:
 
-    >>> import torch
-    >>> from torch import nn
-    >>> import flatminima
-    >>> model = nn.Linear(2, 1, bias=False)
-    >>> _ = nn.init.zeros_(model.weight)
-    >>> x, y = torch.tensor([[1.0, 0.0], [0.0, 2.0]]), torch.ones(2, 1)
-    >>> mse = nn.functional.mse_loss
-    >>> round(flatminima.sharpness.lambda_max(model, [(x, y)], loss_fn=mse), 2)
+    >>> model, data, mse = least_squares()  # written out in flatminima.sharpness.hvp's example
+    >>> round(flatminima.sharpness.lambda_max(model, data, loss_fn=mse), 2)
     4.0
     """
     return hessian_eigenvalues(

@@ -304,14 +304,8 @@ def evaluate_loss(model: ModelLike, data: DataLike, loss_fn: LossFn | None = Non
     Example: least squares on two weights, ``L(w) = mean_i (w . x_i - y_i)^2``,
     whose Hessian is ``diag(1, 4)``:
 
-    >>> import torch
-    >>> from torch import nn
-    >>> import flatminima
-    >>> model = nn.Linear(2, 1, bias=False)
-    >>> _ = nn.init.zeros_(model.weight)
-    >>> x, y = torch.tensor([[1.0, 0.0], [0.0, 2.0]]), torch.ones(2, 1)
-    >>> mse = nn.functional.mse_loss
-    >>> flatminima.sharpness.evaluate_loss(model, [(x, y)], loss_fn=mse)  # == mse(model.eval()(x), y).item()
+    >>> model, data, mse = least_squares()  # written out in flatminima.sharpness.hvp's example
+    >>> flatminima.sharpness.evaluate_loss(model, data, loss_fn=mse)  # == mse(model.eval()(x), y).item()
     1.0
     """
     objective = Objective(model, data, loss_fn)

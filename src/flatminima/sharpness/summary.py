@@ -73,14 +73,8 @@ def report(
     Example: least squares on two weights, ``L(w) = mean_i (w . x_i - y_i)^2``,
     whose Hessian is ``diag(1, 4)``:
 
-    >>> import torch
-    >>> from torch import nn
-    >>> import flatminima
-    >>> model = nn.Linear(2, 1, bias=False)
-    >>> _ = nn.init.zeros_(model.weight)
-    >>> x, y = torch.tensor([[1.0, 0.0], [0.0, 2.0]]), torch.ones(2, 1)
-    >>> mse = nn.functional.mse_loss
-    >>> row = flatminima.sharpness.report(model, [(x, y)], loss_fn=mse)
+    >>> model, data, mse = least_squares()  # written out in flatminima.sharpness.hvp's example
+    >>> row = flatminima.sharpness.report(model, data, loss_fn=mse)
     >>> round(row["lambda_max"], 2), row["trace"], row["loss"]
     (4.0, 5.0, 1.0)
     """

@@ -109,14 +109,8 @@ def hessian_trace(
     Example: least squares on two weights, ``L(w) = mean_i (w . x_i - y_i)^2``,
     whose Hessian is ``diag(1, 4)``:
 
-    >>> import torch
-    >>> from torch import nn
-    >>> import flatminima
-    >>> model = nn.Linear(2, 1, bias=False)
-    >>> _ = nn.init.zeros_(model.weight)
-    >>> x, y = torch.tensor([[1.0, 0.0], [0.0, 2.0]]), torch.ones(2, 1)
-    >>> mse = nn.functional.mse_loss
-    >>> res = flatminima.sharpness.hessian_trace(model, [(x, y)], loss_fn=mse)
+    >>> model, data, mse = least_squares()  # written out in flatminima.sharpness.hvp's example
+    >>> res = flatminima.sharpness.hessian_trace(model, data, loss_fn=mse)
     >>> print(f"tr(H) = {res.trace:.4g} +- {res.stderr:.2g}")  # exact: H is diagonal
     tr(H) = 5 +- 0
 

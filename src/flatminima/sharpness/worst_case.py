@@ -193,14 +193,8 @@ def one_step_gap(
     Example: least squares on two weights, ``L(w) = mean_i (w . x_i - y_i)^2``,
     whose Hessian is ``diag(1, 4)``:
 
-    >>> import torch
-    >>> from torch import nn
-    >>> import flatminima
-    >>> model = nn.Linear(2, 1, bias=False)
-    >>> _ = nn.init.zeros_(model.weight)
-    >>> x, y = torch.tensor([[1.0, 0.0], [0.0, 2.0]]), torch.ones(2, 1)
-    >>> mse = nn.functional.mse_loss
-    >>> h = flatminima.sharpness.one_step_gap(model, [(x, y)], rho=0.1, loss_fn=mse)
+    >>> model, data, mse = least_squares()  # written out in flatminima.sharpness.hvp's example
+    >>> h = flatminima.sharpness.one_step_gap(model, data, rho=0.1, loss_fn=mse)
     >>> round(h, 4)  # g = (-1, -2): rho ||g|| + rho^2 (g^T H g) / (2 ||g||^2) = 0.1 sqrt(5) + 0.017
     0.2406
 
