@@ -1,4 +1,4 @@
-"""Plain reference implementations written from ../shared/ALGORITHMS.md.
+"""Plain reference implementations written from docs/algorithms.md.
 
 Deliberately naive: per-tensor Python loops, fresh tensors for every
 intermediate, no in-place tricks, no multi-tensor kernels, nothing imported
@@ -6,7 +6,7 @@ from flatminima. The library's optimizers must match these to 1e-10 in
 float64 (tests/test_reference.py).
 
 A reference is a product of three independent parts, as the library's
-methods are (shared/DESIGN.md, "the three axes"):
+methods are (docs/composition.md):
 
 * an **ascent** chain: how eps comes from the clean gradient g (or, for a
   pre-pass ascent such as Momentum-SAM, from the base optimizer's state).

@@ -1,4 +1,4 @@
-"""Running statistics come from the clean pass only (ALGORITHMS.md §0.1):
+"""Running statistics come from the clean pass only (docs/algorithms.md, rules shared by every method):
 after a step, every running buffer equals what one clean training-mode
 forward from the same start gives, for BatchNorm of every flavour and for
 custom modules with running buffers."""

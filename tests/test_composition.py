@@ -90,7 +90,7 @@ def test_invalid_product_is_refused(product: tuple[tuple[str, ...], str, str]) -
 
 def test_unknown_part_and_bad_option_are_named() -> None:
     params = [nn.Parameter(torch.zeros(2))]
-    with pytest.raises(ValueError, match="unknown combine 'wsamm'; known: sam, wsam, gsam, looksam"):
+    with pytest.raises(ValueError, match="unknown combine 'wsamm'; known: gsam, looksam, sam, wsam"):
         flatminima.compose(params, torch.optim.SGD, combine="wsamm", lr=0.1)
     with pytest.raises(ValueError, match="Invalid k value: 0"):
         flatminima.compose(params, torch.optim.SGD, schedule="every_k", k=0, lr=0.1)

@@ -163,7 +163,7 @@ def _chunked_run(case: Case) -> list[torch.Tensor]:
 
 def _reference_run(case: Case) -> list[torch.Tensor]:
     """tests/reference.py's ``sharded_step`` (eps per shard, gradients
-    averaged), written from ALGORITHMS.md without the library."""
+    averaged), written from docs/algorithms.md without the library."""
     _, _, ref_model, ref = build_pair(case, "sgd-momentum", case.second_group)
     schedulers = [case.scheduler(ref.base)] if case.scheduler else []
     for i, (x, y) in enumerate(helpers.batches(STEPS, torch.float64)):

@@ -1,5 +1,5 @@
 """m-sharpness on one device: ``step(closure, chunks=n)`` gives every chunk of
-the batch its own eps and descends along the mean over chunks (ALGORITHMS.md
+the batch its own eps and descends along the mean over chunks (docs/algorithms.md
 §1). Every configuration of methods_db against the references'
 ``sharded_step``, in float64; ``chunks=1`` is the plain step bit for bit.
 """

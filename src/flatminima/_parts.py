@@ -34,6 +34,11 @@ if TYPE_CHECKING:
     from ._base import SharpnessAware
 
 
+#: every named part, by axis and name: what ``compose()`` knows (a part
+#: class registers itself when its module is imported)
+PARTS: dict[str, dict[str, type[Part]]] = {"ascent": {}, "combine": {}, "schedule": {}}
+
+
 class Part:
     """What every part may declare and override (all optional)."""
 
@@ -52,6 +57,20 @@ class Part:
     shard_state: ClassVar[tuple[str, ...]] = ()
     #: keeps ``method_state["step"]``, the steps taken (one counter, however many parts use it)
     counts_steps: ClassVar[bool] = False
+    #: a feature of the step the part brings along: a class mixed into the optimizer's (ESAM's data selection)
+    feature: ClassVar[type | None] = None
+
+    def product_defaults(self, combine: str, schedule: str) -> dict[str, Any]:
+        """Option defaults of a composed product with this part that differ from the part's own."""
+        return {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.name and cls.axis:
+            known = PARTS[cls.axis].get(cls.name)
+            if known is not None and known.__qualname__ != cls.__qualname__:
+                raise ValueError(f"{cls.axis} {cls.name!r} is already the part {known.__qualname__}")
+            PARTS[cls.axis][cls.name] = cls
 
     def init(self, opt: SharpnessAware) -> None:
         """Set up ``opt.method_state`` at construction."""

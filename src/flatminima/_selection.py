@@ -53,10 +53,15 @@ class SampleSelection:
         def _backward(self, loss: Tensor) -> None: ...
         def note(self, **values: Any) -> None: ...
 
-    def can_skip_inactive_grads(self) -> bool:
-        """Whether the clean pass may leave the masked tensors without a
-        gradient: only when nothing but ``eps`` reads the clean gradient."""
-        return not self.keeps_clean_grad and self.schedule.name == "always" and not self.decides_from_gradient  # type: ignore[attr-defined]
+    def check_skip_inactive_grads(self) -> None:
+        """The clean pass may leave the masked tensors without a gradient only
+        when nothing but ``eps`` reads the clean gradient."""
+        free = not self.keeps_clean_grad and self.schedule.name == "always" and not self.decides_from_gradient  # type: ignore[attr-defined]
+        if self.skip_inactive_grads and not free:
+            raise ValueError(
+                f"{type(self).__name__}: skip_inactive_grads=True needs SAM's combine and a perturbed pass at "
+                "every step (the clean gradient of every tensor is used otherwise); pass skip_inactive_grads=False"
+            )
 
     def tensor_mask(self) -> list[bool] | None:
         """Which parameter tensors (every group's, in order) the current step

@@ -136,3 +136,18 @@ def clip(ctx: StepContext, max_norm: float | None) -> None:
     coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
     for v in ctx.groups:
         T.mul_(v.grads, coef, ctx.foreach)
+
+
+def set_grads(view: GroupView, grads: list[Tensor]) -> list[Tensor]:
+    """Point ``.grad`` of the view's parameters (and the view) at ``grads``;
+    returns the tensors they held."""
+    for p, g in zip(view.params, grads):
+        p.grad = g
+    held, view.grads = view.grads, grads
+    return held
+
+
+def release_clean(ctx: StepContext) -> None:
+    """Drop the kept clean gradients (a combine that has used them)."""
+    for v in ctx.groups:
+        v.clean = None

@@ -81,6 +81,8 @@ class AESAM(SAM):
     the closure once. Reading ``||g||^2`` costs no extra device
     synchronisation (the non-finite check already has one).
 
+    Formulas, special cases and departures: docs/algorithms.md#12-ae-sam.
+
     Args:
         sam_fraction: target fraction ``r`` of SAM steps, in ``[0, 1]``
             (default 0.5, the paper's operating point).

@@ -27,27 +27,10 @@ from typing import Any
 from torch import Tensor
 from torch.optim import Optimizer
 
+from . import registry  # noqa: F401  (imports every method's module, so its parts are known)
 from ._base import SharpnessAware
-from ._parts import Always, Ascent, Combine, Descend, Plain, Schedule
-from ._selection import SampleSelection
-from .ae_sam import AdaptivePolicy
-from .asam import Adaptive
-from .esam import Mask
-from .every_k import EveryK
-from .fisher_sam import Fisher
-from .friendly_sam import Friendly
-from .gcsam import Centralize
-from .gsam import SurrogateGap
-from .looksam import Reuse
-from .momentum_sam import Momentum
-from .vasso import Variance
-from .wsam import Weighted
+from ._parts import PARTS, Plain
 
-ASCENTS: dict[str, type[Ascent]] = {
-    c.name: c for c in (Plain, Adaptive, Centralize, Fisher, Friendly, Variance, Mask, Momentum)
-}
-COMBINES: dict[str, type[Combine]] = {c.name: c for c in (Descend, Weighted, SurrogateGap, Reuse)}
-SCHEDULES: dict[str, type[Schedule]] = {c.name: c for c in (Always, EveryK, AdaptivePolicy)}
 #: naming these parts turns their flag on by default
 _FLAGS = {"asam": "adaptive", "centralize": "centralize"}
 _CLASSES: dict[tuple[tuple[str, ...], str, str], type[SharpnessAware]] = {}
@@ -57,7 +40,7 @@ def _pick(kind: str, table: dict[str, Any], name: Any) -> Any:
     if not isinstance(name, str):
         raise TypeError(f"{kind} must be a part name (str), got {name!r}")
     if name not in table:
-        raise ValueError(f"unknown {kind} {name!r}; known: {', '.join(table)}")
+        raise ValueError(f"unknown {kind} {name!r}; known: {', '.join(sorted(table))}")
     return table[name]()
 
 
@@ -68,19 +51,19 @@ def method_class(ascent: str | Sequence[str] = "sam", combine: str = "sam", sche
     chain = (ascent,) if isinstance(ascent, str) else tuple(ascent)
     key = (chain, combine, schedule)
     if key not in _CLASSES:
-        parts = tuple(_pick("ascent", ASCENTS, a) for a in chain) or (Plain(),)
+        parts = tuple(_pick("ascent", PARTS["ascent"], a) for a in chain) or (Plain(),)
         defaults: dict[str, Any] = {_FLAGS[a]: True for a in chain if a in _FLAGS}
-        if any(isinstance(p, Mask) for p in parts) and (combine, schedule) != ("sam", "always"):
-            defaults["skip_inactive_grads"] = False  # the clean gradient of every tensor is used
+        for part in parts:
+            defaults.update(part.product_defaults(combine, schedule))
         body = {
             "ascent": parts,
-            "combine": _pick("combine", COMBINES, combine),
-            "schedule": _pick("schedule", SCHEDULES, schedule),
+            "combine": _pick("combine", PARTS["combine"], combine),
+            "schedule": _pick("schedule", PARTS["schedule"], schedule),
             "option_defaults": defaults,
             "__doc__": f"ascent {'+'.join(chain)}, combine {combine}, schedule {schedule}\n\n    Args:\n        @shared_args@\n",
             "__module__": __name__,
         }
-        bases = (SampleSelection, SharpnessAware) if any(isinstance(p, Mask) for p in parts) else (SharpnessAware,)
+        bases = (*{p.feature for p in parts if p.feature is not None}, SharpnessAware)
         _CLASSES[key] = type(f"Composed[{'+'.join(chain)}|{combine}|{schedule}]", bases, body)
     return _CLASSES[key]
 

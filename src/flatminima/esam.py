@@ -28,14 +28,15 @@ class Mask(Ascent):
         "skip_inactive_grads": Option(True, V.flag, "no clean gradients for unperturbed tensors", wide=True),
     }
     counts_steps = True
+    feature = SampleSelection  # the data selection and the backward saving
+
+    def product_defaults(self, combine: str, schedule: str) -> dict[str, Any]:
+        # the backward saving leaves masked tensors without a clean gradient: only where nothing else reads it
+        return {} if (combine, schedule) == ("sam", "always") else {"skip_inactive_grads": False}
 
     def init(self, opt: Any) -> None:
         opt.method_state["seed"] = torch.initial_seed() if opt.seed is None else opt.seed
-        if opt.skip_inactive_grads and not opt.can_skip_inactive_grads():
-            raise ValueError(
-                f"{type(opt).__name__}: skip_inactive_grads=True needs SAM's combine and a perturbed pass at "
-                "every step (the clean gradient of every tensor is used otherwise); pass skip_inactive_grads=False"
-            )
+        opt.check_skip_inactive_grads()
 
     def radius(self, opt: SharpnessAware, ctx: StepContext, view: GroupView, radius: Any) -> Any:
         return radius / view.group["beta"]
@@ -127,6 +128,8 @@ class ESAM(SampleSelection, SharpnessAware):
     retried with the same mask, and ``seed`` and ``t`` — two integers in
     ``method_state``, saved by ``state_dict()`` — make a resumed run
     continue bit for bit.
+
+    Formulas, special cases and departures: docs/algorithms.md#10-esam.
 
     Args:
         rho: neighbourhood radius before the ``1/beta`` rescale (default 0.05).

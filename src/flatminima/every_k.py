@@ -39,7 +39,7 @@ class SAMEveryK(SAM):
     run resumed in the middle of a period continues bit for bit. ``k = 1``
     is SAM bit for bit; it is LookSAM with ``alpha = 0``. Parts: SAM's
     ascent and combine, schedule :class:`EveryK`
-    (docs/algorithms.md#7-looksam).
+    (docs/algorithms.md#11-sam-every-k).
 
     Args:
         k: period of the SAM steps, an int >= 1 (default 5), one value for

@@ -47,6 +47,8 @@ class FisherSAM(SharpnessAware):
     ``||eps||_F = rho`` (the Fisher norm), not ``||eps||_2 = rho``; ``eta = 0``
     is SAM with the same ``rho`` (bit for bit).
 
+    Formulas, special cases and departures: docs/algorithms.md#6-fisher-sam.
+
     Args:
         rho: radius ``gamma`` of the Fisher ball (default 0.1).
         eta: weight of ``g^2`` in the diagonal Fisher (default 1.0).

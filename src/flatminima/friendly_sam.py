@@ -64,6 +64,8 @@ class FriendlySAM(SharpnessAware):
     untouched) and saved in the state dict (``state[p]["m"]``).
     ``sigma = 0`` is SAM (bit for bit).
 
+    Formulas, special cases and departures: docs/algorithms.md#7-friendlysam.
+
     Args:
         rho: neighbourhood radius (default 0.05; the paper's CIFAR-100
             script uses 0.2 with lam=0.6).

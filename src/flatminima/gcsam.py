@@ -12,7 +12,7 @@ The descent gradient is not centralised. With ASAM on as well,
 ``v = T_w GC(g)``.
 
 Reference: Hassan et al. GCSAM: Gradient Centralized Sharpness Aware
-Minimization. arXiv:2501.11584 (docs/algorithms.md#8-gcsam).
+Minimization. arXiv:2501.11584 (docs/algorithms.md#3-gcsam).
 ``flatminima.create("gcsam", ...)`` is :class:`~flatminima.SAM` with
 ``centralize=True``.
 """

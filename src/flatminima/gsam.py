@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from . import _lr_range as R
-from . import _tensorops as T, _validate as V
+from . import _tensorops as T, _validate as V, _views as views
 from ._base import SharpnessAware
 from ._context import GroupView, StepContext, total
 from ._options import Option
@@ -27,24 +27,20 @@ class SurrogateGap(Combine):
     }
     needs_clean_grad = True
 
-    def check_group(self, group: Mapping[str, Any]) -> None:
-        R.check_range(group)
+    check_group = staticmethod(R.check_range)  # type: ignore[assignment]  # rho_min <= rho, lr_min <= lr_max
 
     def radius(self, opt: SharpnessAware, ctx: StepContext, view: GroupView, radius: Any) -> Any:
         return R.current_rho(view.group)
 
     def combine(self, opt: SharpnessAware, ctx: StepContext) -> None:
-        fe = ctx.foreach
         active = [v for v in ctx.groups if v.group["alpha"] != 0.0 and v.params]
-        if active:
-            inner = total([T.dot(v.clean, v.grads, fe) for v in ctx.groups])  # type: ignore[arg-type]
+        if active:  # inner product and norm over every group; alpha per group
+            inner = total([T.dot(v.clean, v.grads, ctx.foreach) for v in ctx.groups])  # type: ignore[arg-type]
             gp_sq = total(ctx.perturbed_sq or [])
-            for v in active:
-                coef = inner / (gp_sq + v.group["norm_eps"])
-                T.axpby_(v.clean, 1.0, v.grads, -coef, fe)  # type: ignore[arg-type]  # g_perp, in g's buffer
-                T.add_(v.grads, v.clean, fe, alpha=-v.group["alpha"])  # type: ignore[arg-type]
-        for v in ctx.groups:
-            v.clean = None
+        for v in active:
+            T.axpby_(v.clean, 1.0, v.grads, -inner / (gp_sq + v.group["norm_eps"]), ctx.foreach)  # type: ignore[arg-type]  # g_perp, in g's buffer
+            T.add_(v.grads, v.clean, ctx.foreach, alpha=-v.group["alpha"])  # type: ignore[arg-type]
+        views.release_clean(ctx)
 
     def post_step(self, opt: SharpnessAware, ctx: StepContext) -> None:
         for v in ctx.groups:
@@ -79,6 +75,8 @@ class GSAM(SharpnessAware):
       ``eta_min``, end factor, ``OneCycleLR``'s ``max_lr``/``min_lr``...):
       call it once after building the scheduler; needed for schedules whose
       peak is not ``initial_lr`` (``OneCycleLR``, ``CyclicLR``).
+
+    Formulas, special cases and departures: docs/algorithms.md#5-gsam.
 
     Args:
         rho: the radius, ``rho_max`` of the schedule (default 0.05).

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import _validate as V
+from . import _validate as V, _views as views
 from ._base import SharpnessAware
 from ._context import StepContext
 from ._options import Option
@@ -26,8 +26,7 @@ class Reuse(Combine):
         norm read once (one sync per SAM step); both committed after the step."""
         ctx.extra["g_v_norm"] = orthogonal_part_(ctx, opt.layerwise)  # type: ignore[attr-defined]
         ctx.extra["g_v"] = [(p, gv) for v in ctx.groups for p, gv in zip(v.params, v.clean)]  # type: ignore[arg-type]
-        for v in ctx.groups:
-            v.clean = None
+        views.release_clean(ctx)
 
     def combine_unperturbed(self, opt: SharpnessAware, ctx: StepContext) -> None:
         """``g += c g_v`` per tensor with a host scalar ``c`` (fused, no temporary)."""
@@ -94,6 +93,8 @@ class LookSAM(SharpnessAware):
     Special cases (bit for bit): ``k = 1`` is SAM; ``alpha = 0`` is SAM every
     ``k`` steps with the base optimizer on ``g`` in between
     (:class:`flatminima.SAMEveryK`).
+
+    Formulas, special cases and departures: docs/algorithms.md#9-looksam.
 
     Args:
         rho: neighbourhood radius (default 0.05).

@@ -24,7 +24,7 @@ class SAM(SharpnessAware):
     ``adaptive``, ``eta``, ``centralize`` and ``norm_eps`` are per group.
     Parts: ascent :class:`~flatminima.gcsam.Centralize` then
     :class:`~flatminima.asam.Adaptive`, combine ``d = g_p``, every step.
-    Formulas and departures: docs/algorithms.md#1-sam.
+    Formulas and departures: docs/algorithms.md#1-sam (ASAM: #2-asam, GCSAM: #3-gcsam).
 
     Args:
         rho: neighbourhood radius (default 0.05; recommended 0.5 for ASAM

@@ -52,6 +52,8 @@ class VaSSO(SharpnessAware):
     ``d`` untouched); it is saved in the state dict (``state[p]["d"]``).
     ``theta = 1`` is SAM (bit for bit).
 
+    Formulas, special cases and departures: docs/algorithms.md#8-vasso.
+
     Args:
         rho: neighbourhood radius (default 0.05; the paper uses 0.2 for
             WRN-28-10 on CIFAR-100).

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from torch import Tensor
 
-from . import _tensorops as T, _validate as V
+from . import _tensorops as T, _validate as V, _views as views
 from ._base import SharpnessAware
 from ._context import GroupView, StepContext
 from ._options import Option
@@ -24,9 +22,7 @@ class Weighted(Combine):
     }
     needs_clean_grad = True
 
-    @staticmethod
-    def alpha(group: dict[str, Any]) -> Any:
-        return group["gamma"] / (1.0 - group["gamma"])
+    alpha = staticmethod(lambda group: group["gamma"] / (1.0 - group["gamma"]))  # alpha = gamma / (1 - gamma)
 
     def wants(self, opt: SharpnessAware, ctx: StepContext) -> bool:
         return any(self.alpha(v.group) != 0.0 for v in ctx.groups if v.params)
@@ -39,9 +35,7 @@ class Weighted(Combine):
         alpha, clean, v.clean = self.alpha(v.group), v.clean or [], None
         if v.group["decouple"]:  # s = g_p - g in g_p's buffer; the base optimizer gets g itself
             T.add_(v.grads, clean, fe, alpha=-1.0)
-            s, v.grads = v.grads, clean
-            for p, g in zip(v.params, clean):
-                p.grad = g
+            s = views.set_grads(v, clean)
             return s if alpha != 0.0 else None
         if alpha == 0.0:  # exact at alpha = 0 (the base step) and 1 (SAM)
             T.copy_(v.grads, clean, fe)
@@ -77,6 +71,8 @@ class WSAM(SharpnessAware):
     When ``gamma == 0`` in every group the perturbed pass is skipped (the
     step is the base optimizer's step on ``g``): ``first_step`` returns
     False and ``step(closure)`` calls the closure once.
+
+    Formulas, special cases and departures: docs/algorithms.md#4-wsam.
 
     Args:
         rho: neighbourhood radius (default 0.05).

@@ -19,7 +19,7 @@ Landscapes (:mod:`.landscape`, :mod:`.directions`, :mod:`.plot`):
 The loss itself: :func:`evaluate_loss`. All at once: :func:`report` -> a flat dict (``lambda_max``, ``trace``, ...).
 Command line: :mod:`.cli` (``sharpness`` and ``landscape`` subcommands).
 
-The formulas are in ALGORITHMS.md section 10 and docs/sharpness.md.
+The formulas are in docs/algorithms.md#sharpness-measures and docs/sharpness.md.
 """
 
 from .average_case import AverageCaseResult, average_case_sharpness

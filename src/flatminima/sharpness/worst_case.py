@@ -8,7 +8,7 @@ All three measure how much the loss can rise inside a small ball around
 ``B = { delta : ||delta / c||_p <= rho }``. ``c = 1, p = 2`` is SAM's ball;
 ``c = |w|`` (``eta = 0``) is the adaptive ball of ASAM (Kwon et al., ICML'21)
 and Andriushchenko et al. (ICML'23); ``eta > 0`` keeps zero weights movable,
-as the library's ``adaptive=True`` optimizers do (ALGORITHMS.md).
+as the library's ``adaptive=True`` optimizers do (docs/algorithms.md#2-asam).
 
 **Inner maximum.** In the scaled coordinates ``u = delta / c`` the ball is a
 plain l_p ball and the gradient is ``s = c * grad L(w + delta)``. Starting
