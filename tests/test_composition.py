@@ -20,6 +20,7 @@ from torch import nn
 
 import flatminima
 import helpers
+from flatminima._parts import Schedule
 from reference import COMBINES, SCHEDULES, VALID_PRODUCTS, compose_reference, product_hparams
 
 STEPS = 4  # every_k (k = 2) and LookSAM's reuse see both kinds of step; momentum perturbs from step 2
@@ -128,3 +129,33 @@ def test_paper_methods_are_presets_of_the_composition() -> None:
             o1.step(helpers.make_closure(o1, m1, x, y))
             o2.step(helpers.make_closure(o2, m2, x, y))
         assert all(torch.equal(p, q) for p, q in zip(m1.parameters(), m2.parameters())), name
+
+
+class _Noted(Schedule):
+    """A schedule written as docs/composition.md says: it perturbs on the steps
+    whose closure noted ``sharp=True`` (per-step data handed by the closure)."""
+
+    name = "noted-in-tests"
+
+    def decide(self, opt: Any, ctx: Any) -> bool:
+        return bool(ctx.data.get("sharp", False))
+
+
+def test_a_new_part_and_closure_data() -> None:
+    """A part defined outside the package composes like the shipped ones, and
+    reads what the closure handed to the step with ``opt.note``; the note does
+    not outlive its step."""
+    model = helpers.mlp(torch.float64)
+    opt = flatminima.compose(model.parameters(), torch.optim.SGD, schedule="noted-in-tests", lr=0.1)
+    calls: list[int] = []
+    for i, (x, y) in enumerate(helpers.batches(4, torch.float64)):
+        inner = helpers.make_closure(opt, model, x, y)
+
+        def closure(i: int = i, inner: Any = inner) -> torch.Tensor:
+            calls.append(i)
+            if i % 2 == 0 and calls.count(i) == 1:
+                opt.note(sharp=True)
+            return inner()
+
+        opt.step(closure)
+    assert calls == [0, 0, 1, 2, 2, 3] and opt.perturbed_steps == 2 and opt._data == {}

@@ -275,6 +275,8 @@ def in_place_kernels(a: list[torch.Tensor], b: list[torch.Tensor], pos: list[tor
         "mul_each_": lambda d, fe: T.mul_each_(d, each, fe),
         "add_each_": lambda d, fe: T.add_each_(d, b, [float(c) for c in each], fe),
         "zero_": lambda d, fe: T.zero_(d, fe),
+        "add_scaled_-float": lambda d, fe: T.add_scaled_(d, b, -0.7, fe),
+        "add_scaled_-tensor": lambda d, fe: T.add_scaled_(d, b, s32, fe),
     }
 
 
@@ -306,6 +308,8 @@ def expected(name: str, a: torch.Tensor, b: torch.Tensor, pos: torch.Tensor) -> 
         "mul_each_": lambda: a * scale_of(pos).double(),
         "add_each_": lambda: a + float(scale_of(pos)) * b,
         "zero_": lambda: torch.zeros_like(a),
+        "add_scaled_-float": lambda: a - 0.7 * b,
+        "add_scaled_-tensor": lambda: a + s32 * b,
     }[name]()
 
 
