@@ -1,7 +1,11 @@
 """Interleaved A/B timing of the optimizer step: OLD vs NEW flatminima.
 
+    git worktree add /tmp/v0 2fbb234        # OLD: any earlier commit
     python benchmarks/ab_refactor.py [--rounds 8] [--warmup 20] [--steps 200]
-        [--old /tmp/v0/src] [--new /work/main/src] [--raw /tmp/ab_refactor_raw.json]
+        [--old /tmp/v0/src] [--new src] [--raw /tmp/ab_refactor_raw.json]
+
+Used to check that the house redesign (issue #11) did not slow the step
+down; the figures are in BENCHMARKS.md.
 
 Each (version, config) pair runs in its own process (``--worker VERSION_PATH
 CONFIG``), with ``PYTHONPATH=VERSION_PATH`` and one torch thread. A round
