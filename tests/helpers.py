@@ -69,7 +69,15 @@ def explicit_step(
     With ``kind="per_sample"`` (methods_db.Case.closure), the explicit form of
     the per-sample protocol: the clean pass inside ``opt.clean_pass()``, a
     no-grad forward at ``w + eps`` ranking the samples, ``opt.select_samples``
-    and the perturbed backward on the selected samples' mean loss."""
+    and the perturbed backward on the selected samples' mean loss. A pre-pass
+    method (Momentum-SAM) is called in its own documented order: first_step,
+    its only backward, second_step (the loss returned is the one at w + eps)."""
+    if pre_pass(type(opt)):
+        opt.first_step(zero_grad=True)
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.second_step(zero_grad=True)
+        return loss
     if kind == "per_sample":
         with opt.clean_pass():  # type: ignore[attr-defined]
             losses = nn.functional.cross_entropy(model(x), y, reduction="none")
@@ -251,7 +259,9 @@ def refuses_base(method: str, base_cls: type, error: Exception) -> bool:
     return pre_pass(method) and isinstance(error, ValueError) and f"cannot read it from {base_cls.__name__}" in str(error)
 
 
-def pre_pass(method: str) -> bool:
-    """Whether ``method`` perturbs before its only pass (Momentum-SAM): one
-    closure call per step, no clean pass; read from the registry's class."""
-    return bool(flatminima.get_method(method).cls.pre_pass)
+def pre_pass(method: str | type) -> bool:
+    """Whether ``method`` (a registered name, or an optimizer class) perturbs
+    before its only pass (Momentum-SAM): one closure call per step, no clean
+    pass; read from the class."""
+    cls = flatminima.get_method(method).cls if isinstance(method, str) else method
+    return bool(cls.pre_pass)

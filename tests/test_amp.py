@@ -238,3 +238,26 @@ def test_scaler_of_wrong_type() -> None:
         opt.first_step(scaler="yes")  # type: ignore[arg-type]
     assert opt.first_step() is True  # nothing was left pending
     opt.cancel_step()
+
+
+def test_abandoned_step_leaves_a_shared_scaler_alone() -> None:
+    """One GradScaler for two optimizers: another optimizer's ``unscale_``
+    record survives a cancelled sharpness-aware step, so its ``scaler.step``
+    does not unscale twice (the step tells the scaler nothing until taken)."""
+    torch.manual_seed(0)
+    ours, theirs = nn.Linear(4, 2), nn.Linear(4, 2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    opt = flatminima.SAM(ours.parameters(), torch.optim.SGD, lr=0.1)
+    other = torch.optim.SGD(theirs.parameters(), lr=0.1)
+    x = torch.randn(8, 4)
+    scaler.scale(theirs(x).pow(2).mean()).backward()
+    true_grad = theirs.weight.grad.detach().clone() / 1024.0
+    scaler.unscale_(other)
+    scaler.scale(ours(x).pow(2).mean()).backward()
+    assert opt.first_step(scaler=scaler)
+    opt.cancel_step()
+    w_before = theirs.weight.detach().clone()
+    scaler.step(other)  # must not unscale again
+    torch.testing.assert_close(theirs.weight.detach(), w_before - 0.1 * true_grad)
+    scaler.update()
+    assert scaler.get_scale() == 1024.0

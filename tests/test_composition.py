@@ -159,3 +159,22 @@ def test_a_new_part_and_closure_data() -> None:
 
         opt.step(closure)
     assert calls == [0, 0, 1, 2, 2, 3] and opt.perturbed_steps == 2 and opt._data == {}
+
+
+def test_chains_name_each_part_once_and_a_subclass_keeps_its_signature() -> None:
+    for chain, match in [([], "at least one part"), (["asam", "asam"], "names each part once"),
+                         (["asam", "momentum"], "put it first in the chain, before 'asam'"),
+                         (["momentum", "esam"], "'momentum' ascent and 'esam' ascent")]:
+        with pytest.raises(ValueError, match=match):
+            flatminima.method_class(chain)
+
+    class MySAM(flatminima.SAM):
+        def __init__(self, params: Any, base_optimizer: Any, *, warmup: int = 10, **kw: Any) -> None:
+            super().__init__(params, base_optimizer, **kw)
+            self.warmup = warmup
+
+    import inspect
+
+    assert "warmup" in inspect.signature(MySAM).parameters
+    assert flatminima.MethodSpec("my_sam", MySAM, "-", "-").defaults() == {"warmup": 10}
+    assert list(inspect.signature(flatminima.SAM).parameters)[:3] == ["params", "base_optimizer", "rho"]

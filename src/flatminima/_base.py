@@ -138,7 +138,8 @@ class SharpnessAware(Wrapped):
             self._abandon(ctx)  # a hook raised: w and the scaler as they were
             raise
         self._phase, self._pending = phase, ctx
-        if phase == "perturbed" and (zero_grad or self.pre_pass):  # a pre-pass step's .grad is stale
+        # a pre-pass step's only backward comes next: what .grad holds is stale when it perturbs
+        if (zero_grad and (phase == "perturbed" or self.pre_pass)) or (self.pre_pass and phase == "perturbed"):
             self.zero_grad()
         return phase == "perturbed"
 
@@ -167,6 +168,8 @@ class SharpnessAware(Wrapped):
             elif self.pre_pass or views.grads_replaced(ctx):
                 # A pass ran after first_step() returned False: use, and check, what is in .grad now.
                 views.refresh(ctx, self.param_groups, type(self).__name__)
+                if self.pre_pass and not any(v.params for v in ctx.groups):
+                    raise ValueError(f"{type(self).__name__}: no gradient in .grad; call first_step() before the backward")
                 if ctx.scaling is not None:
                     ctx.scaling.unscale([p for v in ctx.groups for p in v.params])
                 ctx.grad_sq = [T.sum_of_squares(v.grads, ctx.foreach) for v in ctx.groups]

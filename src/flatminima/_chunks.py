@@ -194,7 +194,7 @@ def _accumulate(opt: Any, closure: Callable[[int], Any], n: int, which: str) -> 
                 p.grad = None  # the next chunk's backward must not add into the sum
     for p, total in sums.items():
         p.grad = total.div_(n)
-    group = opt._replicas().chunk_group()
+    group = opt._replicas().chunk_group(own_eps=False)
     if group is not None:
         grads = [p.grad for p in params if p.grad is not None]
         all_reduce_mean_(grads, group, grads[0].device if grads else torch.device("cpu"))

@@ -46,8 +46,16 @@ def declare(cls: type[SharpnessAware]) -> None:
     cls.pre_pass = bool(cls.ascent) and cls.ascent[0].pre_pass
     cls.shard_state = tuple(k for p in parts for k in p.shard_state)
     own = {n: o for n, o in wide.items() if n not in O.PROTOCOL}
+    if "__init__" in vars(cls):  # a subclass with a constructor of its own: its signature is the truth
+        cls.__signature__ = None  # type: ignore[attr-defined]
+    else:
+        cls.__signature__ = _signature(own, group)  # type: ignore[attr-defined]
+    cls.__doc__ = O.splice(cls.__doc__, {**{n: o for n, o in group.items() if n in O.SHARED}, **O.PROTOCOL})
+
+
+def _signature(own: dict[str, O.Option], group: dict[str, O.Option]) -> inspect.Signature:
     keyword = [*own.items(), *group.items(), *O.PROTOCOL.items()]
-    cls.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+    return inspect.Signature(
         [
             inspect.Parameter("params", inspect.Parameter.POSITIONAL_OR_KEYWORD),
             inspect.Parameter("base_optimizer", inspect.Parameter.POSITIONAL_OR_KEYWORD),
@@ -55,7 +63,6 @@ def declare(cls: type[SharpnessAware]) -> None:
             inspect.Parameter("base_kwargs", inspect.Parameter.VAR_KEYWORD),
         ]
     )
-    cls.__doc__ = O.splice(cls.__doc__, {**{n: o for n, o in group.items() if n in O.SHARED}, **O.PROTOCOL})
 
 
 def split_options(cls: type[SharpnessAware], kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:

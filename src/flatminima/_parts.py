@@ -152,9 +152,14 @@ class Descend(Combine):
 def check_product(ascent: Sequence[Ascent], combine: Combine, schedule: Schedule) -> None:
     """Raise a ValueError naming both parts for a product that cannot work."""
     parts: list[Part] = [*ascent, combine, schedule]
+    names = [a.name for a in ascent]
+    if not ascent or len(set(names)) != len(names):
+        raise ValueError(f"an ascent chain names each part once, and at least one: got {names}")
     for i, a in enumerate(ascent):
         if a.pre_pass and i != 0:
-            raise ValueError(f"ascent {a.name!r} builds eps before the clean pass: put it first in the chain")
+            raise ValueError(
+                f"ascent {a.name!r} builds eps before the clean pass: put it first in the chain, before {names[0]!r}"
+            )
     if ascent and ascent[0].pre_pass:
         first = ascent[0]
         for other in parts[1:]:

@@ -102,9 +102,10 @@ class Replicas:
             return None
         return self.ddp.process_group if world_size(self.ddp.process_group) > 1 else None
 
-    def chunk_group(self) -> Any:
-        """The process group of a chunked step (every pass local), else None."""
-        if self.ddp is not None and self.sync:
+    def chunk_group(self, own_eps: bool = True) -> Any:
+        """The process group of a chunked step (every pass local), else None;
+        ``own_eps``: each chunk has an eps of its own (not with a pre-pass eps)."""
+        if self.ddp is not None and self.sync and own_eps:
             raise ValueError(
                 "chunks= gives every chunk its own eps, sync_perturbations=True one eps for all replicas: "
                 "use one or the other"

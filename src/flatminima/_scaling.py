@@ -1,21 +1,24 @@
 """A GradScaler around the passes of one step, through its public API only.
 
-``GradScaler.unscale_`` allows one call per optimizer between two
-``update()`` calls, keyed by the optimizer object, while a sharpness-aware
-step unscales two passes (more with chunks). Each pass therefore unscales
-through its own small view object; every pass's inf check is recorded and
-``update()`` sees them all. The step keeps the views alive until
-``update()`` (an id must not be reused meanwhile).
+``GradScaler.unscale_`` records an inf check per optimizer, to be read by
+``update()``, and nothing in its public API can withdraw a record. A
+sharpness-aware step may be abandoned (an exception in a pass,
+``cancel_step``), and must then leave the scaler exactly as it was, other
+optimizers' records included. So the step unscales each pass itself, with
+the scaler's own kernel and inverse scale (``1 / get_scale()``, computed in
+float64 as the scaler does: the same bits), keeps its own inf flag, and
+tells the scaler only when the step is taken: one small unscaled tensor that
+carries the flag through ``unscale_``, then ``update()``. An abandoned step
+has told the scaler nothing.
 
-An abandoned step (an exception, ``cancel_step``) must leave the scaler as
-it was: its ``state_dict()`` is taken when the step opens, and on abandon
-the step's records are flushed with ``update()`` and the state put back
-with ``load_state_dict()``.
+The closure must scale its loss with this scaler (``scaler.scale(loss)``):
+the gradients are divided by the scaler's current scale whether or not it
+was used.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections import defaultdict
 
 import torch
 from torch import Tensor
@@ -44,33 +47,48 @@ class ScaledPasses:
 
     def __init__(self, scaler: torch.amp.GradScaler) -> None:
         self.scaler = scaler
-        self.views: list[_GradsOf] = []
-        self._before: dict[str, Any] = scaler.state_dict()
+        self._inv: float | None = None  # 1 / scale, read once per step
+        self._found: dict[torch.device, Tensor] = {}  # per device: 1.0 where a pass had an inf/NaN
 
     def unscale(self, params: list[Tensor]) -> None:
-        """Divide the ``.grad`` of ``params`` by the scale in place and record
-        the pass's inf/NaN check for ``update()``."""
-        view = _GradsOf(params)
-        self.views.append(view)
-        self.scaler.unscale_(view)  # type: ignore[arg-type]
+        """Divide the ``.grad`` of ``params`` by the scale in place, as
+        ``GradScaler.unscale_`` would, and note any inf/NaN."""
+        if self._inv is None:  # the scaler's float64 reciprocal of its float32 scale
+            scale = torch.tensor(self.scaler.get_scale(), dtype=torch.float32)
+            self._inv = float(scale.double().reciprocal().float())
+        buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = defaultdict(list)
+        for p in params:
+            if p.grad is None:
+                continue
+            if p.grad.dtype == torch.float16:
+                raise ValueError(
+                    "Attempting to unscale FP16 gradients: keep the parameters in float32 and run the forward "
+                    "under torch.autocast (GradScaler refuses FP16 gradients too)"
+                )
+            buckets[(p.grad.device, p.grad.dtype)].append(p.grad)
+        for (device, _), grads in buckets.items():
+            found = self._found.setdefault(device, torch.zeros((), dtype=torch.float32, device=device))
+            inv = torch.full((), self._inv, dtype=torch.float32, device=device)
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, found, inv)
 
     def record_inf(self, device: torch.device) -> None:
-        """A non-finite value the scaler's own check did not see (another
-        replica's, or a sum of squares that overflowed): ``update()`` backs
-        the scale off as for an inf."""
-        dummy = torch.zeros(1, device=device, requires_grad=True)
-        dummy.grad = torch.full((1,), float("inf"), device=device)
-        self.unscale([dummy])
+        """A non-finite value the unscaling did not see (another replica's, or
+        a sum of squares that overflowed): ``update()`` backs the scale off."""
+        self._found[device] = torch.ones((), dtype=torch.float32, device=device)
 
     def update(self) -> None:
-        """Once per step, skipped or not (nothing to do when no pass was unscaled)."""
-        if self.views:
-            self.scaler.update()
-        self.views.clear()
+        """Once per step taken (skipped or not): the step's inf flag reaches
+        the scaler through ``unscale_``, then ``update()``."""
+        if self._inv is None and not self._found:
+            return  # nothing was unscaled: the scaler has nothing to hear
+        device = next(iter(self._found), torch.device("cpu"))
+        flag = sum((f.to(device) for f in self._found.values()), torch.zeros((), device=device))
+        carrier = torch.zeros(1, device=device, requires_grad=True)
+        carrier.grad = torch.where(flag > 0, float("inf"), 0.0).reshape(1)  # inf after unscaling too
+        self.scaler.unscale_(_GradsOf([carrier]))  # type: ignore[arg-type]
+        self.scaler.update()
+        self._inv, self._found = None, {}
 
     def forget(self) -> None:
-        """Leave the scaler as it was before the step."""
-        if self.views:
-            self.scaler.update()
-            self.scaler.load_state_dict(self._before)
-        self.views.clear()
+        """An abandoned step: the scaler never heard of it."""
+        self._inv, self._found = None, {}

@@ -49,6 +49,8 @@ def method_class(ascent: str | Sequence[str] = "sam", combine: str = "sam", sche
     names, so its state dicts load into each other's instances). Raises a
     ValueError naming both parts for a product that cannot work."""
     chain = (ascent,) if isinstance(ascent, str) else tuple(ascent)
+    if not chain:
+        raise ValueError("ascent must name at least one part ('sam' for v = g)")
     key = (chain, combine, schedule)
     if key not in _CLASSES:
         parts = tuple(_pick("ascent", PARTS["ascent"], a) for a in chain) or (Plain(),)

@@ -28,6 +28,7 @@ class Mask(Ascent):
         "skip_inactive_grads": Option(True, V.flag, "no clean gradients for unperturbed tensors", wide=True),
     }
     counts_steps = True
+    reads_gradient = True  # the mask acts on the clean gradient, the selection on the clean losses
     feature = SampleSelection  # the data selection and the backward saving
 
     def product_defaults(self, combine: str, schedule: str) -> dict[str, Any]:

@@ -35,8 +35,6 @@ class Momentum(Ascent):
                 f"{type(opt).__name__} perturbs along the base optimizer's momentum and cannot read it from "
                 f"{type(opt.base_optimizer).__name__}; use one of {', '.join(c.__name__ for c in BUFFERS)}"
             )
-        for group in opt.param_groups:
-            self.check_group(group)
 
     def check_group(self, group: Any) -> None:
         if group.get("momentum", None) == 0 and "nesterov" in group:  # SGD without momentum keeps no buffer
