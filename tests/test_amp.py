@@ -65,6 +65,12 @@ def test_scaled_run_equals_unscaled_run(case: Case, api: str) -> None:
             xs, ys = x.chunk(2), y.chunk(2)
             torch.manual_seed(i)
             opt2.step(lambda j, *a: scaled_closure(opt2, model2, xs[j], ys[j], sc, case.closure)(*a), scaler=sc, chunks=2)
+        elif helpers.pre_pass(case.method):  # its order: first_step, then its only (scaled) backward
+            helpers.explicit_step(opt, model, x, y)
+            torch.manual_seed(i)
+            opt2.first_step(zero_grad=True, scaler=sc)
+            sc.scale(nn.functional.cross_entropy(model2(x), y)).backward()
+            opt2.second_step(zero_grad=True)
         else:
             helpers.explicit_step(opt, model, x, y)
             torch.manual_seed(i)
