@@ -138,9 +138,8 @@ class SharpnessAware(Wrapped):
             self._abandon(ctx)  # a hook raised: w and the scaler as they were
             raise
         self._phase, self._pending = phase, ctx
-        # a pre-pass step's only backward comes next: what .grad holds is stale when it perturbs
-        if (zero_grad and (phase == "perturbed" or self.pre_pass)) or (self.pre_pass and phase == "perturbed"):
-            self.zero_grad()
+        if (zero_grad or self.pre_pass) and (phase == "perturbed" or self.pre_pass and zero_grad):
+            self.zero_grad()  # a pre-pass step's only backward comes next: .grad is stale when it perturbs
         return phase == "perturbed"
 
     @torch.no_grad()
