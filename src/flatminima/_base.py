@@ -292,10 +292,15 @@ class SharpnessAware(Wrapped):
         return ctx
 
     def _finite(self, ctx: StepContext, squares: list[Tensor], every_rank: bool) -> bool:
-        """Whether the gradients whose squared norms are ``squares`` are finite (on every
-        rank with ``every_rank``); a GradScaler hears of one its own check missed."""
+        """Whether the step's gradients, whose squared norms are ``squares``, are finite (on every
+        rank with ``every_rank``); a GradScaler hears of one its own check missed. A float32 sum of
+        squares overflows from |g| ~ 1e19 on: then it is taken again in float64 (in place)."""
         value = total(squares)
         finite = T.is_finite(value)
+        if not finite and len(squares) == len(ctx.groups):
+            squares[:] = [T.sum_of_squares(v.grads, ctx.foreach, torch.float64) for v in ctx.groups]
+            value = total(squares)
+            finite = T.is_finite(value)
         if every_rank:
             finite = Replicas.agree(finite, ctx, value.device)
         if not finite and ctx.scaling is not None:

@@ -70,11 +70,11 @@ def _zero(tensors: TensorList, dtype: torch.dtype | None = None) -> Tensor:
     return torch.zeros((), dtype=dtype or torch.float32, device=device)
 
 
-def sum_of_squares(tensors: TensorList, foreach: bool) -> Tensor:
-    """``sum_i ||t_i||^2`` accumulated in float32/float64 (inf/NaN propagate)."""
+def sum_of_squares(tensors: TensorList, foreach: bool, acc: torch.dtype | None = None) -> Tensor:
+    """``sum_i ||t_i||^2`` accumulated in float32/float64, or in ``acc`` (inf/NaN propagate)."""
     if not tensors:
         return _zero(tensors)
-    acc = accumulate_dtype(tensors)
+    acc = acc or accumulate_dtype(tensors)
     target = tensors[0].device
     if not foreach:
         total = _zero(tensors, acc)

@@ -11,6 +11,8 @@ the step counters.
 
 from __future__ import annotations
 
+import copy
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
 
@@ -183,26 +185,22 @@ class Wrapped(Optimizer):
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        meta = state_dict.get("flatminima") if isinstance(state_dict, Mapping) else None
-        if not isinstance(meta, Mapping) or "base" not in state_dict:
-            raise ValueError(
-                f"{type(self).__name__}.load_state_dict() expects a state dict saved by a flatminima optimizer; "
-                "to load a plain optimizer's state use .base_optimizer.load_state_dict()"
-            )
-        if meta.get("method") != self._identity():
-            raise ValueError(
-                f"state dict was saved by {meta.get('method')!r}, cannot load it into {self._identity()!r}"
-            )
-        if meta.get("format") != _FORMAT:
-            raise ValueError(f"unsupported flatminima state dict format {meta.get('format')!r} (expected {_FORMAT})")
-        shapes = [list(p.shape) for p in self._all_params()]
-        saved = [list(s) for s in meta["shapes"]]
-        if len(saved) != len(shapes):
-            raise ValueError(f"state dict holds {len(saved)} parameters, this optimizer has {len(shapes)}")
-        for i, (a, b) in enumerate(zip(saved, shapes)):
-            if a != b:
-                raise ValueError(f"parameter {i} has shape {b} here but {a} in the state dict")
+        """Load a state dict saved by :meth:`state_dict` (of this method). Every
+        option it holds passes the constructor's checks first, and the load is
+        all or nothing: a state dict that does not load raises ValueError or
+        TypeError and leaves the optimizer exactly as it was."""
+        meta = self._check_loadable(state_dict)
         self._between_steps("")
+        before = copy.deepcopy(self.state_dict())
+        try:
+            self._load(state_dict, meta)
+        except Exception as err:
+            self._load(before, before["flatminima"])
+            if isinstance(err, (ValueError, TypeError)):
+                raise
+            raise ValueError(f"{type(self).__name__}: the state dict does not load ({type(err).__name__}: {err})") from err
+
+    def _load(self, state_dict: Mapping[str, Any], meta: Mapping[str, Any]) -> None:
         super().load_state_dict({"state": state_dict["state"], "param_groups": state_dict["param_groups"]})
         self.base_optimizer.load_state_dict(state_dict["base"])
         self.param_groups = self.base_optimizer.param_groups  # loading replaced both lists: share again
@@ -211,6 +209,97 @@ class Wrapped(Optimizer):
         for name, value in meta.get("options", {}).items():  # absent in state dicts of earlier versions
             if name in self.method_options:
                 setattr(self, name, value)
+
+    def _check_loadable(self, state_dict: Any) -> Mapping[str, Any]:
+        """The state dict's flatminima record, after every check a constructor
+        would make of what it holds (before anything is changed)."""
+        meta = state_dict.get("flatminima") if isinstance(state_dict, Mapping) else None
+        if not isinstance(meta, Mapping) or "base" not in state_dict:
+            raise ValueError(
+                f"{type(self).__name__}.load_state_dict() expects a state dict saved by a flatminima optimizer; "
+                "to load a plain optimizer's state use .base_optimizer.load_state_dict()"
+            )
+        if not isinstance(meta.get("method"), str) or meta["method"] != self._identity():
+            raise ValueError(
+                f"state dict was saved by {meta.get('method')!r}, cannot load it into {self._identity()!r}"
+            )
+        if type(meta.get("format")) is not int or meta["format"] != _FORMAT:
+            raise ValueError(f"unsupported flatminima state dict format {meta.get('format')!r} (expected {_FORMAT})")
+        shapes = [list(p.shape) for p in self._all_params()]
+        saved = meta.get("shapes")
+        if not isinstance(saved, (list, tuple)) or not all(
+            isinstance(s, (list, tuple)) and all(isinstance(n, int) and not isinstance(n, bool) for n in s) for s in saved
+        ):
+            raise ValueError(f"state dict has no valid parameter shapes (lists of ints), got {saved!r}")
+        if len(saved) != len(shapes):
+            raise ValueError(f"state dict holds {len(saved)} parameters, this optimizer has {len(shapes)}")
+        for i, (a, b) in enumerate(zip(saved, shapes)):
+            if list(a) != b:
+                raise ValueError(f"parameter {i} has shape {b} here but {list(a)} in the state dict")
+        self._check_loaded_groups(state_dict.get("param_groups"))
+        base = state_dict["base"]
+        if not isinstance(base, Mapping) or not isinstance(base.get("param_groups"), (list, tuple)):
+            raise ValueError("the state dict's base optimizer part has no param groups")
+        for i, (saved, here) in enumerate(zip(base["param_groups"], self.base_optimizer.param_groups)):
+            lost = sorted(k for k in here if k != "params" and (not isinstance(saved, Mapping) or k not in saved))
+            if lost:
+                raise ValueError(f"param group {i} of the base optimizer's state dict lacks {lost}")
+        self._check_loaded_meta(meta)
+        return meta
+
+    def _check_loaded_groups(self, groups: Any) -> None:
+        if not isinstance(groups, (list, tuple)) or len(groups) != len(self.param_groups):
+            got = len(groups) if isinstance(groups, (list, tuple)) else repr(groups)
+            raise ValueError(
+                f"loaded state dict has a different number of parameter groups ({got}) than this optimizer "
+                f"({len(self.param_groups)})"
+            )
+        for i, (saved, here) in enumerate(zip(groups, self.param_groups)):
+            if not isinstance(saved, Mapping):
+                raise TypeError(f"param group {i} of the state dict is a {type(saved).__name__}, not a dict")
+            missing = [k for k in self._method_defaults if k not in saved]
+            if missing:
+                raise ValueError(f"param group {i} of the state dict lacks the option(s) {missing}")
+            self._check_group({**{k: v for k, v in here.items() if k != "params"}, **saved})
+            for name in self._method_defaults:  # a flag names the method (adaptive: ASAM, centralize: GCSAM)
+                option = self.group_options.get(name)
+                if option is not None and isinstance(option.default, bool) and saved[name] is not here[name]:
+                    raise ValueError(
+                        f"state dict was saved with {name}={saved[name]!r} in param group {i}; this optimizer has "
+                        f"{name}={here[name]!r}, another method: build it with {name}={saved[name]!r} to resume that run"
+                    )
+
+    def _check_loaded_meta(self, meta: Mapping[str, Any]) -> None:
+        counters = meta.get("counters")
+        keys = ("steps", "perturbed_steps", "skipped_steps")
+        if not isinstance(counters, Mapping) or any(
+            isinstance(counters.get(k), bool) or not isinstance(counters.get(k), int) or counters[k] < 0 for k in keys
+        ):
+            raise ValueError(f"state dict counters must be non-negative ints {list(keys)}, got {counters!r}")
+        state = meta.get("method_state")
+        if not isinstance(state, Mapping):
+            raise TypeError(f"state dict method_state must be a dict, got {type(state).__name__}")
+        for key, value in self.method_state.items():
+            if key in state and not _same_kind(state[key], value):
+                raise TypeError(f"state dict method_state[{key!r}] is {state[key]!r}, expected a {type(value).__name__}")
+        options = meta.get("options", {})
+        if not isinstance(options, Mapping):
+            raise TypeError(f"state dict options must be a dict, got {type(options).__name__}")
+        checks = getattr(self, "wide_options", {})
+        for name, value in options.items():
+            if name in self.method_options and name in checks:
+                checks[name].check(name, value)
+
+
+def _same_kind(a: Any, b: Any) -> bool:
+    """Whether a loaded value ``a`` can stand where ``b`` stood (numbers for numbers, not bools)."""
+    if isinstance(b, bool) or isinstance(a, bool):
+        return isinstance(a, bool) and isinstance(b, bool)
+    if isinstance(b, int):  # counts (steps, seeds)
+        return isinstance(a, int)
+    if isinstance(b, float):  # running statistics
+        return isinstance(a, (int, float)) and math.isfinite(a)
+    return a is None or b is None or isinstance(a, type(b))
 
 
 def _as_list(params: Any) -> list[Tensor]:

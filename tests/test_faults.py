@@ -1,0 +1,171 @@
+"""Faults a careless or hostile caller can cause, each refused cleanly (issue
+#14; the library's state-dict items so far): options read from a state dict
+pass the constructor's checks, a state dict of another method is refused, a
+failed load leaves the optimizer exactly as it was, and a fuzz of mutated
+state dicts either loads or raises ValueError/TypeError with nothing changed.
+A huge but finite gradient is a step, not a skip."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import flatminima
+import helpers
+from methods_db import DEFAULT_CASES
+
+
+def _trained(name: str = "sam", steps: int = 2, **kwargs: Any) -> tuple[nn.Module, flatminima.SharpnessAware]:
+    model = helpers.mlp(torch.float64)
+    opt = flatminima.create(name, helpers.two_groups(model), torch.optim.SGD, lr=0.1, momentum=0.9, **kwargs)
+    for x, y in helpers.batches(steps, torch.float64):
+        opt.step(helpers.make_closure(opt, model, x, y))
+    return model, opt
+
+
+def _snapshot(opt: flatminima.SharpnessAware) -> dict[str, Any]:
+    return copy.deepcopy(opt.state_dict())
+
+
+def _unchanged(opt: flatminima.SharpnessAware, before: dict[str, Any]) -> None:
+    helpers.assert_tree_equal(opt.state_dict(), before)
+    assert opt.param_groups is opt.base_optimizer.param_groups  # still shared: LR changes reach the base
+    for key in opt.defaults:
+        assert all(key in g for g in opt.param_groups)
+
+
+@pytest.mark.parametrize(
+    ("where", "key", "value", "match"),
+    [
+        ("group", "rho", -5.0, "Invalid rho value: -5.0"),
+        ("group", "rho", float("nan"), "rho"),
+        ("group", "norm_eps", 0.0, "Invalid norm_eps value: 0.0"),
+        ("options", "max_grad_norm", -1.0, "Invalid max_grad_norm value: -1.0"),
+        ("options", "sync_perturbations", 1, "sync_perturbations must be a bool"),
+        ("counters", "steps", -1, "counters must be non-negative ints"),
+        ("counters", "steps", "3", "counters must be non-negative ints"),
+    ],
+)
+def test_loaded_options_pass_the_constructor_checks(where: str, key: str, value: Any, match: str) -> None:
+    _, opt = _trained(max_grad_norm=1.0)
+    saved = _snapshot(opt)
+    bad = copy.deepcopy(saved)
+    if where == "group":
+        bad["param_groups"][0][key] = value
+    else:
+        bad["flatminima"][where][key] = value
+    _, other = _trained(max_grad_norm=1.0)
+    before = _snapshot(other)
+    with pytest.raises((ValueError, TypeError), match=match):
+        other.load_state_dict(bad)
+    _unchanged(other, before)
+
+
+def test_a_failed_load_leaves_the_optimizer_as_it_was() -> None:
+    """A state dict whose base part is broken (a missing key) used to leave
+    the groups unshared, so LR changes stopped reaching the base optimizer."""
+    _, opt = _trained()
+    for breaks, match in [(lambda sd: sd["base"].pop("state"), "does not load"),
+                          (lambda sd: sd["base"]["param_groups"][0].pop("lr"), "lacks \\['lr'\\]")]:
+        bad = _snapshot(opt)
+        breaks(bad)
+        _, other = _trained(steps=3)
+        before = _snapshot(other)
+        with pytest.raises(ValueError, match=match):
+            other.load_state_dict(bad)
+        _unchanged(other, before)
+        other.param_groups[0]["lr"] = 0.5
+        assert other.base_optimizer.param_groups[0]["lr"] == 0.5
+
+
+@pytest.mark.parametrize(("saved_as", "loaded_as", "flag"), [("sam", "asam", "adaptive"), ("gcsam", "sam", "centralize")])
+def test_another_methods_state_dict_is_refused(saved_as: str, loaded_as: str, flag: str) -> None:
+    """SAM, ASAM and GCSAM share a class; the flags say which method a state
+    dict belongs to, and loading it into another would silently change it."""
+    _, opt = _trained(saved_as)
+    _, other = _trained(loaded_as)
+    before = _snapshot(other)
+    with pytest.raises(ValueError, match=f"state dict was saved with {flag}="):
+        other.load_state_dict(opt.state_dict())
+    _unchanged(other, before)
+
+
+def test_a_huge_finite_gradient_is_a_step_not_a_skip() -> None:
+    """A gradient of about 1e25 overflows the float32 sum of squares; the norm
+    is then recomputed in float64 before the gradient is called non-finite,
+    and the step is taken, on both kernel paths, as in float64."""
+    results = []
+    for dtype, foreach in [(torch.float32, True), (torch.float32, False), (torch.float64, True)]:
+        model = helpers.mlp(dtype)
+        opt = flatminima.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=1e-27, foreach=foreach)
+        x, y = helpers.batches(1, torch.float64)[0]
+        x = x.to(dtype)
+
+        def closure() -> torch.Tensor:
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y) * 1e25
+            loss.backward()
+            return loss
+
+        w0 = torch.cat([p.detach().flatten() for p in model.parameters()])
+        opt.step(closure)
+        assert opt.skipped_steps == 0 and opt.perturbed_steps == 1
+        w1 = torch.cat([p.detach().flatten() for p in model.parameters()])
+        assert torch.isfinite(w1).all() and not torch.equal(w0, w1)
+        results.append((w1 - w0).double())
+    assert torch.equal(results[0], results[1])  # foreach and per-tensor paths agree
+    torch.testing.assert_close(results[0], results[2], rtol=1e-3, atol=1e-6)  # float32 rounding of a ~1e-2 step
+
+
+# --------------------------------------------------------------------------- the fuzz
+_CASES = [c for c in DEFAULT_CASES if c.closure == "loss"]
+
+
+def _paths(tree: Any, prefix: tuple = ()) -> list[tuple]:
+    """Every key path of the nested dicts and lists of a state dict."""
+    out = [prefix] if prefix else []
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            out += _paths(v, prefix + (k,))
+    elif isinstance(tree, list):
+        for i, v in enumerate(tree):
+            out += _paths(v, prefix + (i,))
+    return out
+
+
+_JUNK = st.sampled_from([None, -1, 0, 1, 2.5, -3.0, float("nan"), float("inf"), "x", True, [], {}, [1, 2],
+                         torch.zeros(()), torch.ones(3)])
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=st.sampled_from(_CASES), data=st.data())
+def test_fuzzed_state_dicts_load_or_fail_cleanly(case: Any, data: Any) -> None:
+    """A state dict with one value replaced or one key deleted, anywhere:
+    load_state_dict either loads it or raises ValueError/TypeError, and then
+    leaves the optimizer exactly as it was. (What it loads is not checked
+    further here: a base optimizer's own state, a momentum buffer of the
+    wrong shape say, is the base optimizer's to check.)"""
+    model = helpers.mlp(torch.float64)
+    opt = flatminima.create(case.method, model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, **case.kwargs)
+    for x, y in helpers.batches(2, torch.float64):
+        opt.step(helpers.make_closure(opt, model, x, y))
+    saved = copy.deepcopy(opt.state_dict())
+    path = data.draw(st.sampled_from(_paths(saved)))
+    node = saved
+    for k in path[:-1]:
+        node = node[k]
+    if data.draw(st.booleans()) and isinstance(node, dict):
+        del node[path[-1]]
+    else:
+        node[path[-1]] = data.draw(_JUNK)
+    before = _snapshot(opt)
+    try:
+        opt.load_state_dict(saved)
+    except (ValueError, TypeError):
+        _unchanged(opt, before)
