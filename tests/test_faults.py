@@ -8,6 +8,7 @@ A huge but finite gradient is a step, not a skip."""
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any
 
 import pytest
@@ -169,3 +170,59 @@ def test_fuzzed_state_dicts_load_or_fail_cleanly(case: Any, data: Any) -> None:
         opt.load_state_dict(saved)
     except (ValueError, TypeError):
         _unchanged(opt, before)
+
+
+def test_a_non_finite_option_set_by_hand_is_refused_at_the_step() -> None:
+    """rho = nan (or inf) is refused by the constructor and add_param_group,
+    and also when set by hand between steps: the step names the value."""
+    params = [nn.Parameter(torch.zeros(2))]
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="rho"):
+            flatminima.SAM(params, torch.optim.SGD, rho=bad, lr=0.1)
+    model, opt = _trained()
+    with pytest.raises(ValueError, match="rho"):
+        opt.add_param_group({"params": [nn.Parameter(torch.zeros(2))], "rho": float("inf")})
+    opt.param_groups[0]["rho"] = float("nan")
+    w0 = [p.detach().clone() for p in model.parameters()]
+    x, y = helpers.batches(1, torch.float64)[0]
+    with pytest.raises(ValueError, match="Invalid rho value: nan"):
+        opt.step(helpers.make_closure(opt, model, x, y))
+    assert all(torch.equal(a, b) for a, b in zip(w0, model.parameters()))
+
+
+def test_mostly_skipped_steps_warn_again_with_the_likely_causes() -> None:
+    """A finite rho so large that w + eps overflows skips every step: after
+    10 steps a second warning says how many were skipped and names rho and lr."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Linear(8, 3))  # float32: at w + eps the gradients overflow
+    opt = flatminima.SAM(model.parameters(), torch.optim.SGD, rho=1e30, lr=0.1)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        for x, y in helpers.batches(12, torch.float64):
+            opt.step(helpers.make_closure(opt, model, x.float(), y))
+    messages = [str(w.message) for w in record if issubclass(w.category, RuntimeWarning)]
+    assert opt.skipped_steps == 12 and len(messages) == 2, messages
+    assert "non-finite gradient in the perturbed pass" in messages[0]
+    assert "10 of the last 10 steps were skipped" in messages[1]
+    assert "rho = [1e+30]" in messages[1] and "lr = [0.1]" in messages[1]
+
+
+def test_wsam_decoupled_term_is_clipped_too() -> None:
+    """With max_grad_norm, WSAM's decoupled sharpness term s = g_p - g is
+    clipped to the same bound as the direction handed to the base optimizer:
+    a gradient spike moves the weights by at most lr * (1 + alpha) * bound."""
+    model = helpers.mlp(torch.float64)
+    opt = flatminima.WSAM(model.parameters(), torch.optim.SGD, rho=0.05, gamma=0.9, max_grad_norm=0.1, lr=0.1)
+    x, y = helpers.batches(1, torch.float64)[0]
+
+    def spike() -> torch.Tensor:
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y) * 1e4
+        loss.backward()
+        return loss
+
+    w0 = torch.cat([p.detach().flatten() for p in model.parameters()])
+    opt.step(spike)
+    moved = float((torch.cat([p.detach().flatten() for p in model.parameters()]) - w0).norm())
+    alpha = 0.9 / 0.1
+    assert 0.0 < moved <= 0.1 * (1 + alpha) * 0.1 * (1 + 1e-9), moved

@@ -25,7 +25,6 @@ one extra copy of the parameters at the step's peak, none between steps.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from typing import Any, ClassVar, ContextManager
@@ -40,6 +39,7 @@ from ._context import GroupView, StepContext, total
 from ._parts import Always, Ascent, Combine, Descend, Plain, Schedule
 from ._replicas import Replicas
 from ._scaling import ScaledPasses, enabled
+from ._skips import SkipLog
 from ._wrapping import Wrapped
 
 __all__ = ["GroupView", "SharpnessAware", "StepContext", "total"]
@@ -86,7 +86,7 @@ class SharpnessAware(Wrapped):
         self._pending: StepContext | None = None
         self._scaler: Any = None  # the GradScaler of the step(closure) call under way
         self._data: dict[str, Any] = {}  # what the closure noted for the step under way
-        self._warned_skip = False
+        self._skips = SkipLog(type(self).__name__, lambda: self.param_groups)
         self._wrap(params, base_optimizer, group, base_kwargs)
         if any(part.counts_steps for part in self.parts()):
             self.method_state["step"] = 0  # steps taken: one counter for every part that reads it
@@ -128,7 +128,6 @@ class SharpnessAware(Wrapped):
                     self._perturb(ctx)
             elif not self._finite(ctx, ctx.grad_sq, every_rank=True):
                 phase = "skipped"
-                self._note_skip("clean")
             elif not self._replicas().decide(ctx, lambda: self._decide(ctx), self.decides_from_gradient):
                 phase = "unperturbed"
             else:
@@ -157,7 +156,7 @@ class SharpnessAware(Wrapped):
         self._phase, self._pending = None, None
         try:
             if phase == "skipped":
-                self.counters["skipped_steps"] += 1
+                self._count_skip("clean")
                 return
             if phase == "perturbed":
                 if not self._close_perturbed(ctx):
@@ -280,6 +279,8 @@ class SharpnessAware(Wrapped):
 
     def _open(self, scaler: Any, group: Any, scaling: ScaledPasses | None = None) -> StepContext:
         """The context of a step (or chunk) from the gradients now in ``.grad``."""
+        for g in self.param_groups:  # a value set by hand since (rho = nan, say) is refused before it is used
+            Wrapped._check_group(self, g)
         groups = views.collect(self.param_groups, type(self).__name__)  # refuses sparse gradients
         groups = [] if self.pre_pass else groups  # a pre-pass step's v comes from state (_prepare)
         fe = views.use_foreach(self.foreach, groups)
@@ -378,6 +379,7 @@ class SharpnessAware(Wrapped):
         if "step" in self.method_state:
             self.method_state["step"] += 1
         self.counters["steps"] += 1
+        self._skips.taken()
         self._opt_called = True  # LR schedulers check that the optimizer stepped
 
     @torch.no_grad()
@@ -387,15 +389,8 @@ class SharpnessAware(Wrapped):
             ctx.scaling.forget()
 
     def _count_skip(self, where: str) -> None:
-        self._note_skip(where)
+        self._skips.skipped(where)
         self.counters["skipped_steps"] += 1
-
-    def _note_skip(self, where: str) -> None:
-        if not self._warned_skip:
-            self._warned_skip = True
-            msg = f"{type(self).__name__}: non-finite gradient in the {where} pass; the step was skipped "
-            msg += "(weights and optimizer state unchanged). Later skips are counted in .skipped_steps without a warning."
-            warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
     def _between_steps(self, what: str) -> None:
         if self._phase is None:

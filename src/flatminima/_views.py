@@ -130,12 +130,17 @@ def refresh(ctx: StepContext, param_groups: list[dict[str, Any]], owner: str) ->
 
 def clip(ctx: StepContext, max_norm: float | None) -> None:
     """Scale the direction in ``.grad`` to a global norm of at most ``max_norm``."""
-    if max_norm is None:
+    clip_lists([v.grads for v in ctx.groups], max_norm, ctx.foreach)
+
+
+def clip_lists(lists: list[list[Tensor]], max_norm: float | None, foreach: bool) -> None:
+    """Scale the tensors of ``lists`` together to a global norm of at most ``max_norm``."""
+    if max_norm is None or not lists:
         return
-    norm = total([T.sum_of_squares(v.grads, ctx.foreach) for v in ctx.groups]).sqrt()
+    norm = total([T.sum_of_squares(ts, foreach) for ts in lists]).sqrt()
     coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-    for v in ctx.groups:
-        T.mul_(v.grads, coef, ctx.foreach)
+    for ts in lists:
+        T.mul_(ts, coef, foreach)
 
 
 def set_grads(view: GroupView, grads: list[Tensor]) -> list[Tensor]:

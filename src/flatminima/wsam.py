@@ -44,7 +44,9 @@ class Weighted(Combine):
         return None
 
     def post_step(self, opt: SharpnessAware, ctx: StepContext) -> None:
-        for v, s in zip(ctx.groups, ctx.extra["sharpness"] if ctx.perturbed else ()):
+        terms = ctx.extra["sharpness"] if ctx.perturbed else []
+        views.clip_lists([s for s in terms if s is not None], opt.max_grad_norm, ctx.foreach)  # the same bound as d
+        for v, s in zip(ctx.groups, terms):
             if s is not None:  # a plain SGD step with the group's current lr, not preconditioned
                 T.add_scaled_(v.params, s, -self.alpha(v.group) * v.group["lr"], ctx.foreach)
 
@@ -80,8 +82,10 @@ class WSAM(SharpnessAware):
         decouple: apply the sharpness term after the base step, outside the
             base optimizer (default True, as recommended by the paper).
         max_grad_norm: clip the direction handed to the base optimizer to
-            this global norm (default None). In decoupled mode that is ``g``;
-            the sharpness term ``s`` is not clipped.
+            this global norm (default None). In decoupled mode that is ``g``,
+            and the sharpness term ``s`` is clipped to the same bound
+            separately, so one step moves ``w`` by at most
+            ``lr * (1 + alpha) * max_grad_norm`` with plain SGD.
         @shared_args@
 
     Memory: two copies of the parameters during the step (the saved ``w``
