@@ -8,6 +8,7 @@ A huge but finite gradient is a step, not a skip."""
 from __future__ import annotations
 
 import copy
+import os
 import warnings
 from typing import Any
 
@@ -144,7 +145,7 @@ _JUNK = st.sampled_from([None, -1, 0, 1, 2.5, -3.0, float("nan"), float("inf"), 
                          torch.zeros(()), torch.ones(3)])
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "300")), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=st.sampled_from(_CASES), data=st.data())
 def test_fuzzed_state_dicts_load_or_fail_cleanly(case: Any, data: Any) -> None:
     """A state dict with one value replaced or one key deleted, anywhere:
