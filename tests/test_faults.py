@@ -227,3 +227,17 @@ def test_wsam_decoupled_term_is_clipped_too() -> None:
     moved = float((torch.cat([p.detach().flatten() for p in model.parameters()]) - w0).norm())
     alpha = 0.9 / 0.1
     assert 0.0 < moved <= 0.1 * (1 + alpha) * 0.1 * (1 + 1e-9), moved
+
+
+def test_mnist1d_cache_has_a_checkpoints_permissions(tmp_path: Any) -> None:
+    """The MNIST-1D cache is written as checkpoints are (atomically, through a
+    temporary file): with the usual permissions, not mkstemp's 0600."""
+    pytest.importorskip("mnist1d")
+    from flatminima.experiments.data import load_mnist1d
+
+    load_mnist1d(200, tmp_path)
+    (cache,) = [p for p in tmp_path.iterdir() if p.suffix == ".npz"]
+    mask = os.umask(0)
+    os.umask(mask)
+    assert cache.stat().st_mode & 0o777 == 0o666 & ~mask
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
