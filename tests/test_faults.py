@@ -241,3 +241,30 @@ def test_mnist1d_cache_has_a_checkpoints_permissions(tmp_path: Any) -> None:
     os.umask(mask)
     assert cache.stat().st_mode & 0o777 == 0o666 & ~mask
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_crafted_cifar_pickle_is_refused_and_its_code_does_not_run(tmp_path: Any) -> None:
+    """The CIFAR loader reads the python batches through an unpickler that
+    allows only what those files hold; a batch that tries to run code is
+    refused with an error naming the file, and the code never runs."""
+    import pickle
+
+    np = pytest.importorskip("numpy")
+    from flatminima.experiments.data import cifar_files, load_cifar
+    from flatminima.experiments.errors import DataError
+
+    marker = tmp_path / "ran"
+
+    class Exploit:
+        def __reduce__(self) -> Any:
+            return (os.system, (f"touch {marker}",))
+
+    good = {b"data": np.zeros((2, 3072), dtype=np.uint8), b"labels": [0, 1], b"batch_label": b"x", b"filenames": [b"a", b"b"]}
+    for name in cifar_files("cifar10"):
+        body = {b"label_names": [b"c%d" % i for i in range(10)]} if name.endswith("meta") else good
+        (tmp_path / name).write_bytes(pickle.dumps(body))
+    assert load_cifar("cifar10", tmp_path).x_train.shape[0] == 10  # the honest files load
+    (tmp_path / "data_batch_1").write_bytes(pickle.dumps({**good, b"extra": Exploit()}))
+    with pytest.raises(DataError, match="data_batch_1.*refused"):
+        load_cifar("cifar10", tmp_path)
+    assert not marker.exists()

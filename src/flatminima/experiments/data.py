@@ -9,7 +9,8 @@ Nothing is ever downloaded:
   ``$XDG_CACHE_HOME/flatminima`` or ``~/.cache/flatminima``).
 * ``digits``: scikit-learn's bundled 8x8 digits (1797 images), split 80/20
   with a fixed stratified split.
-* ``cifar10`` / ``cifar100``: the python-pickle version of CIFAR, read from
+* ``cifar10`` / ``cifar100``: the python-pickle version of CIFAR (read through an unpickler that allows
+  only what those batches hold: a crafted file cannot run code), read from
   ``--data-dir`` (the extracted ``cifar-10-batches-py`` / ``cifar-100-python``
   folder, or a folder that contains it).
 
@@ -26,7 +27,7 @@ import random
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TypedDict
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
@@ -316,10 +317,28 @@ def find_cifar_dir(name: str, data_dir: str | os.PathLike[str] | None) -> Path:
     raise DataError(f"{spec['title']}: folder {folder} is missing {', '.join(missing)}; it must hold {layout}")
 
 
+class _CifarUnpickler(pickle.Unpickler):
+    """Reads what the official CIFAR python batches hold (dicts, lists, bytes,
+    str, ints, numpy arrays) and nothing else: a pickle naming any other
+    callable is refused before anything of it runs (a data folder is not
+    trusted code)."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which a CIFAR batch never holds; refused")
+        return super().find_class(module, name)
+
+
 def _unpickle(path: Path) -> dict[str, object]:
     try:
         with open(path, "rb") as f:
-            raw = pickle.load(f, encoding="bytes")
+            raw = _CifarUnpickler(f, encoding="bytes").load()
     except Exception as e:
         raise DataError(f"cannot read {path}: not a CIFAR python pickle ({type(e).__name__}: {e})") from None
     if not isinstance(raw, dict):
@@ -333,7 +352,10 @@ def _read_cifar_part(path: Path, label_key: str, classes: int) -> tuple[np.ndarr
         if key not in d:
             raise DataError(f"{path} has no {key!r} entry (found {', '.join(sorted(d)) or 'nothing'})")
     x = np.asarray(d["data"])
-    y = np.asarray(d[label_key], dtype=np.int64)
+    try:
+        y = np.asarray(d[label_key], dtype=np.int64)
+    except (TypeError, ValueError) as e:
+        raise DataError(f"{path}: labels must be integers ({e})") from None
     if x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3 * 32 * 32:
         raise DataError(f"{path}: 'data' must be a uint8 array of shape (N, 3072), got {x.dtype} {x.shape}")
     if y.shape != (x.shape[0],):
