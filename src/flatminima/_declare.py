@@ -74,9 +74,3 @@ def split_options(cls: type[SharpnessAware], kwargs: dict[str, Any]) -> tuple[di
         wide[name] = option.check(name, value)
     group = {name: kwargs.pop(name, option.default) for name, option in cls.group_options.items()}
     return group, wide, kwargs
-
-
-def identity(cls: type[SharpnessAware]) -> str:
-    """The name a state dict records: the class name (a composed product's
-    class is named after its parts)."""
-    return cls.__name__
