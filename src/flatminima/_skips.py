@@ -27,6 +27,7 @@ class SkipLog:
         self.owner, self.groups = owner, groups
         self.warned = False
         self.recent: deque[bool] = deque(maxlen=WINDOW)
+        self.count = 0  # skips in ``recent``, kept as it moves (no sum over the window each step)
         self.quiet = 0  # steps left before the rate may warn again
 
     def skipped(self, where: str) -> None:
@@ -42,9 +43,12 @@ class SkipLog:
         self._record(False)
 
     def _record(self, skipped: bool) -> None:
+        if len(self.recent) == WINDOW:
+            self.count -= self.recent[0]  # about to fall out of the window
         self.recent.append(skipped)
+        self.count += skipped
         self.quiet = max(self.quiet - 1, 0)
-        n, k = len(self.recent), sum(self.recent)
+        n, k = len(self.recent), self.count
         if n >= MIN_STEPS and 2 * k > n and not self.quiet:
             self.quiet = WINDOW
             rhos = sorted({g.get("rho") for g in self.groups()}, key=str)
