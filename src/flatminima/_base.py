@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import _declare, _options, passes as P, _tensorops as T, _validate as V, _views as views
+from . import _declare, _options, _stacks, passes as P, _tensorops as T, _validate as V, _views as views
 from ._chunks import chunked_step, pre_pass_step
 from ._context import GroupView, StepContext, total
 from ._parts import Always, Ascent, Combine, Descend, Plain, Schedule
@@ -212,15 +212,7 @@ class SharpnessAware(Wrapped):
                 gets its own ``eps``, the step descends along their mean (one
                 more copy of the parameters). Returns the mean clean loss.
         """
-        if closure is None:
-            raise ValueError(
-                f"{type(self).__name__}.step() needs a closure that zeroes the gradients, runs forward "
-                "and backward and returns the loss; without one use first_step()/second_step(). "
-                "(Lightning's precision='16-mixed' calls step() without its closure: use "
-                "plugins=[flatminima.lightning.SharpnessAwareMixedPrecision('16-mixed', device)])"
-            )
-        if not callable(closure):
-            raise TypeError(f"closure must be callable, got {type(closure).__name__}")
+        closure = _stacks.check_step_call(type(self).__name__, closure)
         on = enabled(scaler)  # type check before any pass runs
         if self._phase is not None:
             raise ValueError("step() called between first_step() and second_step(); finish that step first")
