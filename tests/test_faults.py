@@ -268,3 +268,64 @@ def test_a_crafted_cifar_pickle_is_refused_and_its_code_does_not_run(tmp_path: A
     with pytest.raises(DataError, match="data_batch_1.*refused"):
         load_cifar("cifar10", tmp_path)
     assert not marker.exists()
+
+
+# --------------------------------------------------------------------------- CLI and data (items 1, 2, 8, 9, 11, 13)
+def _cifar_both_layouts(root: Any, name: str, per_file: int = 3) -> tuple[Any, Any]:
+    """The same random images and labels written in CIFAR's python layout and
+    in its binary layout (CIFAR-100 records: coarse label, fine label, pixels)."""
+    import pickle
+
+    import numpy as np
+
+    from flatminima.experiments.cifar_binary import LAYOUTS
+    from flatminima.experiments.data import cifar_files
+
+    classes, key = (10, b"labels") if name == "cifar10" else (100, b"fine_labels")
+    binary = LAYOUTS[name]
+    py_dir, bin_dir = root / "py", root / binary.folder
+    py_dir.mkdir()
+    bin_dir.mkdir()
+    rng = np.random.default_rng(0)
+    names = [f"class{i}" for i in range(classes)]
+    py_batches = [f for f in cifar_files(name) if "meta" not in f]
+    for py_name, bin_name in zip(py_batches, [*binary.train, *binary.test]):
+        x = rng.integers(0, 256, (per_file, 3072), dtype=np.uint8)
+        y = rng.integers(0, classes, per_file)
+        (py_dir / py_name).write_bytes(pickle.dumps({b"data": x, key: y.tolist()}))
+        labels = [y[:, None] // 5, y[:, None]] if name == "cifar100" else [y[:, None]]
+        (bin_dir / bin_name).write_bytes(np.concatenate([*labels, x], axis=1).astype(np.uint8).tobytes())
+    meta = "batches.meta" if name == "cifar10" else "meta"
+    names_key = b"label_names" if name == "cifar10" else b"fine_label_names"
+    (py_dir / meta).write_bytes(pickle.dumps({names_key: [n.encode() for n in names]}))
+    (bin_dir / binary.names).write_text("\n".join(names) + "\n\n")
+    return py_dir, bin_dir
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_cifar_binary_version_loads_the_same_data_without_pickle(tmp_path: Any, name: str,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The official binary batches (data_batch_1.bin ..., train.bin/test.bin)
+    load to the same images, labels and class names as the python version,
+    from the folder or its parent, and no pickle is read on the way."""
+    from flatminima.experiments import data as data_mod
+    from flatminima.experiments.errors import DataError
+
+    py_dir, bin_dir = _cifar_both_layouts(tmp_path, name)
+    want = data_mod.load_cifar(name, py_dir)
+
+    def no_pickle(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the binary version must not be unpickled")
+
+    monkeypatch.setattr(data_mod, "_unpickle", no_pickle)
+    monkeypatch.setattr(data_mod.pickle, "Unpickler", no_pickle)
+    for where in (bin_dir, tmp_path):  # tmp_path holds py/ (the python files are not at its top) and the bin folder
+        got = data_mod.load_cifar(name, where)
+        for field in ("x_train", "y_train", "x_test", "y_test"):
+            assert torch.equal(getattr(got, field), getattr(want, field)), field
+        assert got.class_names == want.class_names and got.class_names[7] == "class7"
+        assert "binary batches" in got.source
+    first = data_mod.cifar_binary.LAYOUTS[name].train[0]
+    (bin_dir / first).write_bytes(b"\x00" * 3000)
+    with pytest.raises(DataError, match=f"{first}: not a CIFAR binary batch: 3000 bytes"):
+        data_mod.load_cifar(name, bin_dir)
