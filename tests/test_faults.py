@@ -329,3 +329,47 @@ def test_cifar_binary_version_loads_the_same_data_without_pickle(tmp_path: Any, 
     (bin_dir / first).write_bytes(b"\x00" * 3000)
     with pytest.raises(DataError, match=f"{first}: not a CIFAR binary batch: 3000 bytes"):
         data_mod.load_cifar(name, bin_dir)
+
+
+def test_a_checkpoints_data_dir_is_never_read_from_the_checkpoints_folder(tmp_path: Any, monkeypatch: pytest.MonkeyPatch,
+                                                                          capsys: pytest.CaptureFixture) -> None:
+    """A checkpoint recording a relative data_dir: `flatminima sharpness` reads
+    it from the current directory, or from the user's --data-dir, and never
+    from the folder the checkpoint sits in (which holds a decoy here)."""
+    import json
+
+    pytest.importorskip("flatminima.sharpness.cli")
+    from flatminima.experiments.cli import main
+    from flatminima.experiments.config import build_config
+    from flatminima.experiments.train import train_run
+
+    run_dir, ckpt_dir, elsewhere = tmp_path / "run", tmp_path / "ckpts", tmp_path / "elsewhere"
+    for d in (run_dir, ckpt_dir, elsewhere):
+        d.mkdir()
+    _, bin_dir = _cifar_both_layouts(run_dir, "cifar10")
+    _, decoy = _cifar_both_layouts(ckpt_dir, "cifar10")
+    bin_dir.rename(run_dir / "data")
+    decoy.rename(ckpt_dir / "data")
+    ckpt = ckpt_dir / "run.pt"
+    monkeypatch.chdir(run_dir)
+    cfg = build_config(dict(dataset="cifar10", data_dir="data", model="mlp", width=4, depth=1, epochs=1,
+                            batch_size=8, noise=0.0, threads=1))
+    train_run(cfg, "sgd", 0, checkpoint=ckpt)
+    measure = ["sharpness", str(ckpt), "--samples", "6", "--measures", "gap", "--no-progress"]
+
+    def gap(*extra: str) -> float:
+        assert main([*measure, "--json", str(tmp_path / "m.json"), *extra]) == 0, capsys.readouterr().err
+        return json.loads((tmp_path / "m.json").read_text())["one_step_gap"]
+
+    from_cwd = gap()  # run_dir/data, as when the run was started
+    monkeypatch.chdir(elsewhere)
+    assert main(measure) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"flatminima: error: CIFAR-10: data folder {elsewhere / 'data'} does not exist; it must hold "
+                   f"the python version of CIFAR-10 as extracted from cifar-10-python.tar.gz: data_batch_1, "
+                   f"data_batch_2, data_batch_3, data_batch_4, data_batch_5, test_batch, batches.meta; or the binary "
+                   f"version from cifar-10-binary.tar.gz: data_batch_1.bin, data_batch_2.bin, data_batch_3.bin, "
+                   f"data_batch_4.bin, data_batch_5.bin, test_batch.bin, batches.meta.txt")
+    assert gap("--data-dir", str(run_dir / "data")) == from_cwd  # the user's folder wins
+    monkeypatch.chdir(tmp_path)
+    assert gap("--data-dir", "run/data") == from_cwd  # relative to the current directory

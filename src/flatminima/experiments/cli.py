@@ -156,8 +156,9 @@ def _add_plugin_subcommands(sub: argparse._SubParsersAction) -> None:
         return
     from . import measure  # reads this tool's checkpoints for them
 
-    add_subcommands(sub, model_factory=measure.model_factory, data_factory=measure.data_factory,
-                    loss_factory=measure.loss_factory)
+    parsers = add_subcommands(sub, model_factory=measure.model_factory, data_factory=measure.data_factory,
+                              loss_factory=measure.loss_factory)
+    measure.add_data_dir_flag(parsers.values())
 
 
 def _broken_subcommands(sub: argparse._SubParsersAction, error: BaseException) -> None:
