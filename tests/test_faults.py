@@ -352,8 +352,8 @@ def test_a_checkpoints_data_dir_is_never_read_from_the_checkpoints_folder(tmp_pa
     decoy.rename(ckpt_dir / "data")
     ckpt = ckpt_dir / "run.pt"
     monkeypatch.chdir(run_dir)
-    cfg = build_config(dict(dataset="cifar10", data_dir="data", model="mlp", width=4, depth=1, epochs=1,
-                            batch_size=8, noise=0.0, threads=1))
+    cfg = build_config({"dataset": "cifar10", "data_dir": "data", "model": "mlp", "width": 4, "depth": 1,
+                        "epochs": 1, "batch_size": 8, "noise": 0.0, "threads": 1})
     train_run(cfg, "sgd", 0, checkpoint=ckpt)
     measure = ["sharpness", str(ckpt), "--samples", "6", "--measures", "gap", "--no-progress"]
 
