@@ -373,3 +373,163 @@ def test_a_checkpoints_data_dir_is_never_read_from_the_checkpoints_folder(tmp_pa
     assert gap("--data-dir", str(run_dir / "data")) == from_cwd  # the user's folder wins
     monkeypatch.chdir(tmp_path)
     assert gap("--data-dir", "run/data") == from_cwd  # relative to the current directory
+
+
+def _tiny_compare(out: Any, *extra: str) -> int:
+    """`flatminima compare` on 64 digits, one tiny MLP, one epoch: about 0.1 s."""
+    pytest.importorskip("sklearn")
+    from flatminima.experiments.cli import main
+
+    return main(["compare", "--dataset", "digits", "--train-size", "64", "--test-size", "32", "--model", "mlp",
+                 "--width", "4", "--depth", "1", "--epochs", "1", "--methods", "sgd", "--seeds", "1", "--no-plots",
+                 "--progress", "none", "--threads", "1", "--out", str(out), *extra])
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", ""])
+    child.wait()  # reaped: no process has this pid now (pids are not reused this fast)
+    return child.pid
+
+
+def _lock_text(pid: int, start: Any, host: str | None = None) -> str:
+    import json
+    import socket
+
+    return json.dumps({"pid": pid, "start": start, "host": host or socket.gethostname(), "since": "2024-01-01 00:00:00"})
+
+
+@pytest.mark.parametrize("holder", ["this live process", "another host", "not a lock"])
+def test_a_held_run_folder_refuses_a_second_run(tmp_path: Any, capsys: pytest.CaptureFixture, holder: str) -> None:
+    """A lock file whose owner runs (here: this very process, with its real
+    start time), or cannot be checked (another host, unreadable contents),
+    refuses the run with one line, writes nothing, and stays as it was."""
+    from flatminima.experiments.lock import LOCK_NAME, process_start
+
+    out = tmp_path / "out"
+    out.mkdir()
+    lock = out / LOCK_NAME
+    text = {"this live process": _lock_text(os.getpid(), process_start(os.getpid())),
+            "another host": _lock_text(os.getpid(), 1, host="elsewhere.example"),
+            "not a lock": ""}[holder]
+    lock.write_text(text)
+    assert _tiny_compare(out) == 2
+    err = capsys.readouterr().err
+    prefix = f"flatminima: error: the results folder {out} "
+    expected = {
+        "this live process": f"is in use by another run (pid {os.getpid()}, since 2024-01-01 00:00:00); wait for it "
+                             f"to finish or use another --out (if no run is using the folder, delete {lock})",
+        "another host": f"is in use by another run (pid {os.getpid()} on elsewhere.example, since 2024-01-01 "
+                        f"00:00:00); wait for it to finish or use another --out (if no run is using the folder, "
+                        f"delete {lock})",
+        "not a lock": f"is locked by {lock}, which is being written or is not a flatminima lock (b''); if no run "
+                      f"is using the folder, delete {lock}",
+    }[holder]
+    assert err == prefix + expected + "\n"
+    assert lock.read_text() == text and sorted(p.name for p in out.iterdir()) == [LOCK_NAME]
+
+
+@pytest.mark.parametrize("holder", ["dead pid", "reused pid"])
+def test_a_stale_lock_is_taken_over_held_during_the_run_and_released(tmp_path: Any, holder: str,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lock left by a dead process, or naming a live pid whose start time
+    differs (the pid was reused), is taken over; during the run the lock holds
+    this process's pid and start time, and it is gone afterwards."""
+    import json
+
+    from flatminima.experiments import runner
+    from flatminima.experiments.lock import LOCK_NAME, process_start
+
+    out = tmp_path / "out"
+    out.mkdir()
+    lock = out / LOCK_NAME
+    start = process_start(os.getpid())
+    lock.write_text(_lock_text(_dead_pid(), 5) if holder == "dead pid" else _lock_text(os.getpid(), start - 1))
+    seen = []
+    write_outputs = runner.write_outputs
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        seen.append(json.loads(lock.read_text()))
+        return write_outputs(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "write_outputs", spy)
+    assert _tiny_compare(out) == 0
+    assert [(s["pid"], s["start"]) for s in seen] == [(os.getpid(), start)]
+    assert not lock.exists() and (out / "results.json").is_file()
+    assert not [p for p in out.iterdir() if p.name.startswith(LOCK_NAME)]  # nothing moved aside is left
+
+
+@pytest.mark.parametrize("fault", [KeyboardInterrupt, RuntimeError])
+def test_the_run_folder_lock_is_released_on_error_and_ctrl_c(tmp_path: Any, fault: type,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from flatminima.experiments import runner
+    from flatminima.experiments.lock import LOCK_NAME
+
+    out = tmp_path / "out"
+    held = []
+
+    def fail(*args: Any, **kwargs: Any) -> Any:
+        held.append((out / LOCK_NAME).is_file())
+        raise fault("injected")
+
+    monkeypatch.setattr(runner, "train_run", fail)
+    if fault is KeyboardInterrupt:
+        assert _tiny_compare(out) == 130
+    else:
+        with pytest.raises(RuntimeError, match="injected"):
+            _tiny_compare(out)
+    assert held == [True] and not (out / LOCK_NAME).exists()
+
+
+def test_process_start_reads_field_22_past_a_command_name_with_spaces_and_parentheses(tmp_path: Any) -> None:
+    """/proc/<pid>/stat's command name may hold ") (": the start time is read
+    after its last parenthesis; a pid with no process has none."""
+    import subprocess
+    import sys
+
+    from flatminima.experiments.lock import process_start
+
+    if not os.path.exists("/proc/self/stat"):
+        pytest.skip("no /proc here (the lock then compares pids only, see lock.py)")
+    odd = tmp_path / "a) (b c"
+    odd.symlink_to(sys.executable)
+    child = subprocess.Popen([str(odd), "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        with open(f"/proc/{child.pid}/stat") as f:
+            assert ") (b c)" in f.read()  # the name the kernel shows
+        with open(f"/proc/{child.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        assert process_start(child.pid) == int(fields[19]) >= process_start(os.getpid())
+    finally:
+        child.communicate(b"")
+    assert process_start(child.pid) is None
+
+
+def test_temp_files_of_a_killed_write_are_removed_when_the_folder_is_next_opened(tmp_path: Any,
+                                                                                  capsys: pytest.CaptureFixture) -> None:
+    """A process killed inside atomic_write leaves its temporary file; the next
+    run in the folder removes such files (in the folder, runs/ and
+    checkpoints/), says so, and leaves every other file alone."""
+    from flatminima.experiments.checkpoint import atomic_write
+
+    out = tmp_path / "out"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "plots").mkdir()
+    pid = os.fork()
+    if pid == 0:  # the child dies mid-write, as under SIGKILL: no cleanup runs
+        atomic_write(out / "checkpoints" / "00_sgd_seed0.pt", lambda f: (f.write(b"partial"), os._exit(0)))
+    os.waitpid(pid, 0)
+    (killed,) = (out / "checkpoints").iterdir()
+    assert killed.name.startswith(".00_sgd_seed0.pt.") and killed.name.endswith(".tmp")
+    (out / ".results.json.ab_12xyz.tmp").write_text("{")
+    keep = [out / "notes.tmp", out / ".results.json.tmp", out / ".results.json.ABCDEFGH.tmp",
+            out / "plots" / ".curves.png.abcdefgh.tmp"]
+    for path in keep:
+        path.write_text("mine")
+    assert _tiny_compare(out) == 0
+    err = capsys.readouterr().err
+    assert err == (f"flatminima: removed 2 temporary file(s) left by an interrupted write: "
+                   f"{out / '.results.json.ab_12xyz.tmp'}, {killed}\n")
+    assert not killed.exists() and all(p.read_text() == "mine" for p in keep)

@@ -42,6 +42,7 @@ from .config import ExperimentConfig, build_config, config_differences
 from .data import Dataset
 from .distributed import barrier, dist_info
 from .errors import ConfigError, ExperimentError, MethodFailed
+from .lock import locked_out
 from .methods import Method, describe_method, resolve_methods
 from .progress import NullReporter
 from .report import epochs_csv, render_markdown, summarize, summary_csv, table
@@ -135,6 +136,7 @@ def check_resume_config(saved: dict[str, Any], cfg: ExperimentConfig, out: str |
                           + " (start a new --out folder to change them)")
 
 
+@locked_out  # one run at a time in `out` (see lock.py)
 def compare(
     cfg: ExperimentConfig,
     *,
