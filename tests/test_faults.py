@@ -533,3 +533,56 @@ def test_temp_files_of_a_killed_write_are_removed_when_the_folder_is_next_opened
     assert err == (f"flatminima: removed 2 temporary file(s) left by an interrupted write: "
                    f"{out / '.results.json.ab_12xyz.tmp'}, {killed}\n")
     assert not killed.exists() and all(p.read_text() == "mine" for p in keep)
+
+
+def _set(path: tuple, value: Any) -> Any:
+    def edit(state: dict) -> None:
+        node = state
+        for k in path[:-1]:
+            node = node[k]
+        node[path[-1]] = value
+
+    return edit
+
+
+@pytest.mark.parametrize(("edit", "why"), [
+    (_set(("epoch",), 99), "it says epoch 99 is done, and the run has epochs 1 to 3"),
+    (_set(("epoch",), 0), "it says epoch 0 is done, and the run has epochs 1 to 3"),
+    (_set(("steps",), 7), "it says 7 steps after epoch 1, and an epoch of this run has 1 steps (1 in all)"),
+    (lambda s: s["history"].append(dict(s["history"][0])), "it records 2 epoch(s) of results for epoch 1"),
+    (_set(("history", 0, "epoch"), 2), "result row 1 is {'epoch': 2, 'steps': 1}, expected epoch 1 after 1 steps"),
+    (_set(("optimizer", "param_groups", 0, "rho"), -3.0),
+     "its optimizer state does not load (ValueError: Invalid rho value: -3.0 (must be finite and >= 0))"),
+    (lambda s: [_set((*where, "param_groups", 0, "rho"), 0.3)(s) for where in [("optimizer",), ("optimizer", "base")]],
+     "param group 0 has rho=0.3 where the run's settings give 0.05"),  # valid, but not this run's
+    (_set(("optimizer", "base", "param_groups", 0, "rho"), -3.0),  # the base part's copy, which the library loads
+     "param group 0 has rho=-3.0 where the run's settings give 0.05"),
+    (_set(("optimizer", "base", "param_groups", 0, "momentum"), 0.5),
+     "param group 0 has momentum=0.5 where the run's settings give 0.9"),
+    (_set(("optimizer", "flatminima", "options", "max_grad_norm"), 1.0),
+     "its optimizer options are {'max_grad_norm': 1.0, 'sync_perturbations': True} where the run's settings give "
+     "{'max_grad_norm': None, 'sync_perturbations': True}"),
+    (_set(("scheduler", "last_epoch"), 3), "its LR schedule is at step 3 from [0.1], where the run is at step 1 from [0.1]"),
+    (_set(("optimizer", "base", "param_groups", 0, "lr"), 1.0),
+     "its learning rates [1.0] are not the schedule's [0.07500000000000001] at step 1"),
+], ids=["epoch 99", "epoch 0", "steps", "history length", "history row", "rho -3 loaded", "rho 0.3", "base rho -3",
+        "momentum", "max_grad_norm", "schedule step", "lr"])
+def test_a_resumed_checkpoint_must_match_the_run(tmp_path: Any, capsys: pytest.CaptureFixture, edit: Any,
+                                                  why: str) -> None:
+    """A checkpoint edited after epoch 1 of 3 (progress, results, method and
+    base options, schedule) is refused on --resume with one line naming it,
+    instead of marking the run done or training on with other settings."""
+    from flatminima.experiments.checkpoint import load_checkpoint, save_checkpoint
+    from flatminima.experiments.cli import main
+
+    out = tmp_path / "out"
+    assert _tiny_compare(out, "--methods", "sam", "--epochs", "3", "--stop-after", "1") == 0  # later flags win
+    ckpt = out / "checkpoints" / "00_sam_seed0.pt"
+    state = load_checkpoint(ckpt)
+    edit(state)
+    save_checkpoint(ckpt, {k: v for k, v in state.items() if k != "format"})
+    capsys.readouterr()
+    assert main(["compare", "--out", str(out), "--resume", "--progress", "none"]) == 2
+    assert capsys.readouterr().err == (f"flatminima: error: checkpoint {ckpt} does not match this run: {why}; remove "
+                                       "it to start the run afresh\n")
+    assert not (out / "runs" / "00_sam_seed0.json").exists()
