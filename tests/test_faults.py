@@ -586,3 +586,25 @@ def test_a_resumed_checkpoint_must_match_the_run(tmp_path: Any, capsys: pytest.C
     assert capsys.readouterr().err == (f"flatminima: error: checkpoint {ckpt} does not match this run: {why}; remove "
                                        "it to start the run afresh\n")
     assert not (out / "runs" / "00_sam_seed0.json").exists()
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_ctrl_c_while_writing_the_outputs_says_what_the_folder_holds(tmp_path: Any, capsys: pytest.CaptureFixture,
+                                                                      monkeypatch: pytest.MonkeyPatch, keep: bool) -> None:
+    """Ctrl-C after training, while results.json and the tables are written:
+    the message counts what is on disk (the finished run; its checkpoint only
+    with --keep-checkpoints) instead of promising checkpoints."""
+    from flatminima.experiments import runner
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "write_outputs", interrupted)
+    out = tmp_path / "out"
+    assert _tiny_compare(out, *(["--keep-checkpoints"] if keep else [])) == 130
+    checkpoints = "1 checkpoint" if keep else "no checkpoints"
+    assert capsys.readouterr().err == (
+        f"\nflatminima: interrupted; {out} holds 1 finished run (runs/), {checkpoints} "
+        f"(checkpoints/) and no results.json yet.\nContinue with: flatminima compare --out {out} --resume\n")
+    assert len(list((out / "runs").glob("*.json"))) == 1
+    assert len(list((out / "checkpoints").glob("*.pt"))) == int(keep)

@@ -208,6 +208,24 @@ def compare(
     return result
 
 
+def _count(n: int, what: str) -> str:
+    return f"{n or 'no'} {what}{'' if n == 1 else 's'}"
+
+
+def describe_interrupted(out: Path, command: str) -> str:
+    """What an interrupted comparison left in ``out`` (counted on disk, not
+    assumed: finished runs delete their checkpoints) and how to go on."""
+    finished = list((out / "runs").glob("*.json")) if (out / "runs").is_dir() else []
+    ckpts = list((out / "checkpoints").glob("*.pt")) if (out / "checkpoints").is_dir() else []
+    tables = [n for n in ("results.json", "epochs.csv", "summary.csv", "summary.md") if (out / n).is_file()]
+    if not (out / "config.json").is_file():
+        return f"interrupted before anything was saved in {out}.\nStart again with: {command} --out {out}"
+    return (f"interrupted; {out} holds {_count(len(finished), 'finished run')} (runs/), "
+            f"{_count(len(ckpts), 'checkpoint')} (checkpoints/) and "
+            + (", ".join(tables) if tables else "no results.json yet")
+            + f".\nContinue with: {command} --out {out} --resume")
+
+
 def write_outputs(result: Comparison, plots: bool = True) -> list[Path]:
     """results.json, epochs.csv, summary.csv, summary.md and the plots."""
     out = result.out
