@@ -268,3 +268,343 @@ def test_a_crafted_cifar_pickle_is_refused_and_its_code_does_not_run(tmp_path: A
     with pytest.raises(DataError, match="data_batch_1.*refused"):
         load_cifar("cifar10", tmp_path)
     assert not marker.exists()
+
+
+# --------------------------------------------------------------------------- CLI and data (items 1, 2, 8, 9, 11, 13)
+def _cifar_both_layouts(root: Any, name: str, per_file: int = 3) -> tuple[Any, Any]:
+    """The same random images and labels written in CIFAR's python layout and
+    in its binary layout (CIFAR-100 records: coarse label, fine label, pixels)."""
+    import pickle
+
+    import numpy as np
+
+    from flatminima.experiments.cifar_binary import LAYOUTS
+    from flatminima.experiments.data import cifar_files
+
+    classes, key = (10, b"labels") if name == "cifar10" else (100, b"fine_labels")
+    binary = LAYOUTS[name]
+    py_dir, bin_dir = root / "py", root / binary.folder
+    py_dir.mkdir()
+    bin_dir.mkdir()
+    rng = np.random.default_rng(0)
+    names = [f"class{i}" for i in range(classes)]
+    py_batches = [f for f in cifar_files(name) if "meta" not in f]
+    for py_name, bin_name in zip(py_batches, [*binary.train, *binary.test]):
+        x = rng.integers(0, 256, (per_file, 3072), dtype=np.uint8)
+        y = rng.integers(0, classes, per_file)
+        (py_dir / py_name).write_bytes(pickle.dumps({b"data": x, key: y.tolist()}))
+        labels = [y[:, None] // 5, y[:, None]] if name == "cifar100" else [y[:, None]]
+        (bin_dir / bin_name).write_bytes(np.concatenate([*labels, x], axis=1).astype(np.uint8).tobytes())
+    meta = "batches.meta" if name == "cifar10" else "meta"
+    names_key = b"label_names" if name == "cifar10" else b"fine_label_names"
+    (py_dir / meta).write_bytes(pickle.dumps({names_key: [n.encode() for n in names]}))
+    (bin_dir / binary.names).write_text("\n".join(names) + "\n\n")
+    return py_dir, bin_dir
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_cifar_binary_version_loads_the_same_data_without_pickle(tmp_path: Any, name: str,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The official binary batches (data_batch_1.bin ..., train.bin/test.bin)
+    load to the same images, labels and class names as the python version,
+    from the folder or its parent, and no pickle is read on the way."""
+    from flatminima.experiments import data as data_mod
+    from flatminima.experiments.errors import DataError
+
+    py_dir, bin_dir = _cifar_both_layouts(tmp_path, name)
+    want = data_mod.load_cifar(name, py_dir)
+
+    def no_pickle(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the binary version must not be unpickled")
+
+    monkeypatch.setattr(data_mod, "_unpickle", no_pickle)
+    monkeypatch.setattr(data_mod.pickle, "Unpickler", no_pickle)
+    for where in (bin_dir, tmp_path):  # tmp_path holds py/ (the python files are not at its top) and the bin folder
+        got = data_mod.load_cifar(name, where)
+        for field in ("x_train", "y_train", "x_test", "y_test"):
+            assert torch.equal(getattr(got, field), getattr(want, field)), field
+        assert got.class_names == want.class_names and got.class_names[7] == "class7"
+        assert "binary batches" in got.source
+    first = data_mod.cifar_binary.LAYOUTS[name].train[0]
+    (bin_dir / first).write_bytes(b"\x00" * 3000)
+    with pytest.raises(DataError, match=f"{first}: not a CIFAR binary batch: 3000 bytes"):
+        data_mod.load_cifar(name, bin_dir)
+
+
+def test_a_checkpoints_data_dir_is_never_read_from_the_checkpoints_folder(tmp_path: Any, monkeypatch: pytest.MonkeyPatch,
+                                                                          capsys: pytest.CaptureFixture) -> None:
+    """A checkpoint recording a relative data_dir: `flatminima sharpness` reads
+    it from the current directory, or from the user's --data-dir, and never
+    from the folder the checkpoint sits in (which holds a decoy here)."""
+    import json
+
+    pytest.importorskip("flatminima.sharpness.cli")
+    from flatminima.experiments.cli import main
+    from flatminima.experiments.config import build_config
+    from flatminima.experiments.train import train_run
+
+    run_dir, ckpt_dir, elsewhere = tmp_path / "run", tmp_path / "ckpts", tmp_path / "elsewhere"
+    for d in (run_dir, ckpt_dir, elsewhere):
+        d.mkdir()
+    _, bin_dir = _cifar_both_layouts(run_dir, "cifar10")
+    _, decoy = _cifar_both_layouts(ckpt_dir, "cifar10")
+    bin_dir.rename(run_dir / "data")
+    decoy.rename(ckpt_dir / "data")
+    ckpt = ckpt_dir / "run.pt"
+    monkeypatch.chdir(run_dir)
+    cfg = build_config({"dataset": "cifar10", "data_dir": "data", "model": "mlp", "width": 4, "depth": 1,
+                        "epochs": 1, "batch_size": 8, "noise": 0.0, "threads": 1})
+    train_run(cfg, "sgd", 0, checkpoint=ckpt)
+    measure = ["sharpness", str(ckpt), "--samples", "6", "--measures", "gap", "--no-progress"]
+
+    def gap(*extra: str) -> float:
+        assert main([*measure, "--json", str(tmp_path / "m.json"), *extra]) == 0, capsys.readouterr().err
+        return json.loads((tmp_path / "m.json").read_text())["one_step_gap"]
+
+    from_cwd = gap()  # run_dir/data, as when the run was started
+    monkeypatch.chdir(elsewhere)
+    assert main(measure) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"flatminima: error: CIFAR-10: data folder {elsewhere / 'data'} does not exist; it must hold "
+                   f"the python version of CIFAR-10 as extracted from cifar-10-python.tar.gz: data_batch_1, "
+                   f"data_batch_2, data_batch_3, data_batch_4, data_batch_5, test_batch, batches.meta; or the binary "
+                   f"version from cifar-10-binary.tar.gz: data_batch_1.bin, data_batch_2.bin, data_batch_3.bin, "
+                   f"data_batch_4.bin, data_batch_5.bin, test_batch.bin, batches.meta.txt")
+    assert gap("--data-dir", str(run_dir / "data")) == from_cwd  # the user's folder wins
+    monkeypatch.chdir(tmp_path)
+    assert gap("--data-dir", "run/data") == from_cwd  # relative to the current directory
+
+
+def _tiny_compare(out: Any, *extra: str) -> int:
+    """`flatminima compare` on 64 digits, one tiny MLP, one epoch: about 0.1 s."""
+    pytest.importorskip("sklearn")
+    from flatminima.experiments.cli import main
+
+    return main(["compare", "--dataset", "digits", "--train-size", "64", "--test-size", "32", "--model", "mlp",
+                 "--width", "4", "--depth", "1", "--epochs", "1", "--methods", "sgd", "--seeds", "1", "--no-plots",
+                 "--progress", "none", "--threads", "1", "--out", str(out), *extra])
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", ""])
+    child.wait()  # reaped: no process has this pid now (pids are not reused this fast)
+    return child.pid
+
+
+def _lock_text(pid: int, start: Any, host: str | None = None) -> str:
+    import json
+    import socket
+
+    return json.dumps({"pid": pid, "start": start, "host": host or socket.gethostname(), "since": "2024-01-01 00:00:00"})
+
+
+@pytest.mark.parametrize("holder", ["this live process", "another host", "not a lock"])
+def test_a_held_run_folder_refuses_a_second_run(tmp_path: Any, capsys: pytest.CaptureFixture, holder: str) -> None:
+    """A lock file whose owner runs (here: this very process, with its real
+    start time), or cannot be checked (another host, unreadable contents),
+    refuses the run with one line, writes nothing, and stays as it was."""
+    from flatminima.experiments.lock import LOCK_NAME, process_start
+
+    out = tmp_path / "out"
+    out.mkdir()
+    lock = out / LOCK_NAME
+    text = {"this live process": _lock_text(os.getpid(), process_start(os.getpid())),
+            "another host": _lock_text(os.getpid(), 1, host="elsewhere.example"),
+            "not a lock": ""}[holder]
+    lock.write_text(text)
+    assert _tiny_compare(out) == 2
+    err = capsys.readouterr().err
+    prefix = f"flatminima: error: the results folder {out} "
+    expected = {
+        "this live process": f"is in use by another run (pid {os.getpid()}, since 2024-01-01 00:00:00); wait for it "
+                             f"to finish or use another --out (if no run is using the folder, delete {lock})",
+        "another host": f"is in use by another run (pid {os.getpid()} on elsewhere.example, since 2024-01-01 "
+                        f"00:00:00); wait for it to finish or use another --out (if no run is using the folder, "
+                        f"delete {lock})",
+        "not a lock": f"is locked by {lock}, which is being written or is not a flatminima lock (b''); if no run "
+                      f"is using the folder, delete {lock}",
+    }[holder]
+    assert err == prefix + expected + "\n"
+    assert lock.read_text() == text and sorted(p.name for p in out.iterdir()) == [LOCK_NAME]
+
+
+@pytest.mark.parametrize("holder", ["dead pid", "reused pid"])
+def test_a_stale_lock_is_taken_over_held_during_the_run_and_released(tmp_path: Any, holder: str,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lock left by a dead process, or naming a live pid whose start time
+    differs (the pid was reused), is taken over; during the run the lock holds
+    this process's pid and start time, and it is gone afterwards."""
+    import json
+
+    from flatminima.experiments import runner
+    from flatminima.experiments.lock import LOCK_NAME, process_start
+
+    out = tmp_path / "out"
+    out.mkdir()
+    lock = out / LOCK_NAME
+    start = process_start(os.getpid())
+    lock.write_text(_lock_text(_dead_pid(), 5) if holder == "dead pid" else _lock_text(os.getpid(), start - 1))
+    seen = []
+    write_outputs = runner.write_outputs
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        seen.append(json.loads(lock.read_text()))
+        return write_outputs(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "write_outputs", spy)
+    assert _tiny_compare(out) == 0
+    assert [(s["pid"], s["start"]) for s in seen] == [(os.getpid(), start)]
+    assert not lock.exists() and (out / "results.json").is_file()
+    assert not [p for p in out.iterdir() if p.name.startswith(LOCK_NAME)]  # nothing moved aside is left
+
+
+@pytest.mark.parametrize("fault", [KeyboardInterrupt, RuntimeError])
+def test_the_run_folder_lock_is_released_on_error_and_ctrl_c(tmp_path: Any, fault: type,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from flatminima.experiments import runner
+    from flatminima.experiments.lock import LOCK_NAME
+
+    out = tmp_path / "out"
+    held = []
+
+    def fail(*args: Any, **kwargs: Any) -> Any:
+        held.append((out / LOCK_NAME).is_file())
+        raise fault("injected")
+
+    monkeypatch.setattr(runner, "train_run", fail)
+    if fault is KeyboardInterrupt:
+        assert _tiny_compare(out) == 130
+    else:
+        with pytest.raises(RuntimeError, match="injected"):
+            _tiny_compare(out)
+    assert held == [True] and not (out / LOCK_NAME).exists()
+
+
+def test_process_start_reads_field_22_past_a_command_name_with_spaces_and_parentheses(tmp_path: Any) -> None:
+    """/proc/<pid>/stat's command name may hold ") (": the start time is read
+    after its last parenthesis; a pid with no process has none."""
+    import subprocess
+    import sys
+
+    from flatminima.experiments.lock import process_start
+
+    if not os.path.exists("/proc/self/stat"):
+        pytest.skip("no /proc here (the lock then compares pids only, see lock.py)")
+    odd = tmp_path / "a) (b c"
+    odd.symlink_to(sys.executable)
+    child = subprocess.Popen([str(odd), "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        with open(f"/proc/{child.pid}/stat") as f:
+            assert ") (b c)" in f.read()  # the name the kernel shows
+        with open(f"/proc/{child.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        assert process_start(child.pid) == int(fields[19]) >= process_start(os.getpid())
+    finally:
+        child.communicate(b"")
+    assert process_start(child.pid) is None
+
+
+def test_temp_files_of_a_killed_write_are_removed_when_the_folder_is_next_opened(tmp_path: Any,
+                                                                                  capsys: pytest.CaptureFixture) -> None:
+    """A process killed inside atomic_write leaves its temporary file; the next
+    run in the folder removes such files (in the folder, runs/ and
+    checkpoints/), says so, and leaves every other file alone."""
+    from flatminima.experiments.checkpoint import atomic_write
+
+    out = tmp_path / "out"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "plots").mkdir()
+    pid = os.fork()
+    if pid == 0:  # the child dies mid-write, as under SIGKILL: no cleanup runs
+        atomic_write(out / "checkpoints" / "00_sgd_seed0.pt", lambda f: (f.write(b"partial"), os._exit(0)))
+    os.waitpid(pid, 0)
+    (killed,) = (out / "checkpoints").iterdir()
+    assert killed.name.startswith(".00_sgd_seed0.pt.") and killed.name.endswith(".tmp")
+    (out / ".results.json.ab_12xyz.tmp").write_text("{")
+    keep = [out / "notes.tmp", out / ".results.json.tmp", out / ".results.json.ABCDEFGH.tmp",
+            out / "plots" / ".curves.png.abcdefgh.tmp"]
+    for path in keep:
+        path.write_text("mine")
+    assert _tiny_compare(out) == 0
+    err = capsys.readouterr().err
+    assert err == (f"flatminima: removed 2 temporary file(s) left by an interrupted write: "
+                   f"{out / '.results.json.ab_12xyz.tmp'}, {killed}\n")
+    assert not killed.exists() and all(p.read_text() == "mine" for p in keep)
+
+
+def _set(path: tuple, value: Any) -> Any:
+    def edit(state: dict) -> None:
+        node = state
+        for k in path[:-1]:
+            node = node[k]
+        node[path[-1]] = value
+
+    return edit
+
+
+@pytest.mark.parametrize(("edit", "why"), [
+    (_set(("epoch",), 99), "it says epoch 99 is done, and the run has epochs 1 to 3"),
+    (_set(("epoch",), 0), "it says epoch 0 is done, and the run has epochs 1 to 3"),
+    (_set(("steps",), 7), "it says 7 steps after epoch 1, and an epoch of this run has 1 steps (1 in all)"),
+    (lambda s: s["history"].append(dict(s["history"][0])), "it records 2 epoch(s) of results for epoch 1"),
+    (_set(("history", 0, "epoch"), 2), "result row 1 is {'epoch': 2, 'steps': 1}, expected epoch 1 after 1 steps"),
+    (_set(("optimizer", "param_groups", 0, "rho"), -3.0),
+     "its optimizer state does not load (ValueError: Invalid rho value: -3.0 (must be finite and >= 0))"),
+    (lambda s: [_set((*where, "param_groups", 0, "rho"), 0.3)(s) for where in [("optimizer",), ("optimizer", "base")]],
+     "param group 0 has rho=0.3 where the run's settings give 0.05"),  # valid, but not this run's
+    (_set(("optimizer", "base", "param_groups", 0, "rho"), -3.0),  # the base part's copy, which the library loads
+     "param group 0 has rho=-3.0 where the run's settings give 0.05"),
+    (_set(("optimizer", "base", "param_groups", 0, "momentum"), 0.5),
+     "param group 0 has momentum=0.5 where the run's settings give 0.9"),
+    (_set(("optimizer", "flatminima", "options", "max_grad_norm"), 1.0),
+     "its optimizer options are {'max_grad_norm': 1.0, 'sync_perturbations': True} where the run's settings give "
+     "{'max_grad_norm': None, 'sync_perturbations': True}"),
+    (_set(("scheduler", "last_epoch"), 3), "its LR schedule is at step 3 from [0.1], where the run is at step 1 from [0.1]"),
+    (_set(("optimizer", "base", "param_groups", 0, "lr"), 1.0),
+     "its learning rates [1.0] are not the schedule's [0.07500000000000001] at step 1"),
+], ids=["epoch 99", "epoch 0", "steps", "history length", "history row", "rho -3 loaded", "rho 0.3", "base rho -3",
+        "momentum", "max_grad_norm", "schedule step", "lr"])
+def test_a_resumed_checkpoint_must_match_the_run(tmp_path: Any, capsys: pytest.CaptureFixture, edit: Any,
+                                                  why: str) -> None:
+    """A checkpoint edited after epoch 1 of 3 (progress, results, method and
+    base options, schedule) is refused on --resume with one line naming it,
+    instead of marking the run done or training on with other settings."""
+    from flatminima.experiments.checkpoint import load_checkpoint, save_checkpoint
+    from flatminima.experiments.cli import main
+
+    out = tmp_path / "out"
+    assert _tiny_compare(out, "--methods", "sam", "--epochs", "3", "--stop-after", "1") == 0  # later flags win
+    ckpt = out / "checkpoints" / "00_sam_seed0.pt"
+    state = load_checkpoint(ckpt)
+    edit(state)
+    save_checkpoint(ckpt, {k: v for k, v in state.items() if k != "format"})
+    capsys.readouterr()
+    assert main(["compare", "--out", str(out), "--resume", "--progress", "none"]) == 2
+    assert capsys.readouterr().err == (f"flatminima: error: checkpoint {ckpt} does not match this run: {why}; remove "
+                                       "it to start the run afresh\n")
+    assert not (out / "runs" / "00_sam_seed0.json").exists()
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_ctrl_c_while_writing_the_outputs_says_what_the_folder_holds(tmp_path: Any, capsys: pytest.CaptureFixture,
+                                                                      monkeypatch: pytest.MonkeyPatch, keep: bool) -> None:
+    """Ctrl-C after training, while results.json and the tables are written:
+    the message counts what is on disk (the finished run; its checkpoint only
+    with --keep-checkpoints) instead of promising checkpoints."""
+    from flatminima.experiments import runner
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "write_outputs", interrupted)
+    out = tmp_path / "out"
+    assert _tiny_compare(out, *(["--keep-checkpoints"] if keep else [])) == 130
+    checkpoints = "1 checkpoint" if keep else "no checkpoints"
+    assert capsys.readouterr().err == (
+        f"\nflatminima: interrupted; {out} holds 1 finished run (runs/), {checkpoints} "
+        f"(checkpoints/) and no results.json yet.\nContinue with: flatminima compare --out {out} --resume\n")
+    assert len(list((out / "runs").glob("*.json"))) == 1
+    assert len(list((out / "checkpoints").glob("*.pt"))) == int(keep)

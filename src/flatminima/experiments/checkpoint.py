@@ -1,12 +1,16 @@
 """Checkpoints and result files written atomically: to a temporary file in the
 same folder, flushed to disk, then ``os.replace``-d over the target, so an
-interruption at any moment leaves either the old file or the new one."""
+interruption at any moment leaves either the old file or the new one. A
+SIGKILL mid-write leaves the temporary file (``.<name>.<8 random
+characters>.tmp``) behind; :func:`remove_stale_temp_files` removes those of a
+folder that no other process writes (the results folder, under its lock)."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -25,10 +29,15 @@ def _file_mode() -> int:
     return 0o666 & ~mask
 
 
+# mkstemp's names: the prefix, 8 characters of [a-z0-9_], the suffix.
+_TEMP_SUFFIX = ".tmp"
+_TEMP_NAME = re.compile(r"\..+\.[a-z0-9_]{8}" + re.escape(_TEMP_SUFFIX))
+
+
 def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], object]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_TEMP_SUFFIX)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -42,6 +51,21 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], obje
         except OSError:
             pass
         raise
+
+
+def remove_stale_temp_files(*folders: Path) -> list[Path]:
+    """Remove the temporary files :func:`atomic_write` left in ``folders`` (not
+    their sub-folders) when it was killed, and return them. Only for folders
+    no other process is writing: a live write's file looks the same."""
+    removed = []
+    for folder in folders:
+        if not folder.is_dir():
+            continue
+        for entry in sorted(folder.iterdir()):
+            if _TEMP_NAME.fullmatch(entry.name) and entry.is_file() and not entry.is_symlink():
+                entry.unlink()
+                removed.append(entry)
+    return removed
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:

@@ -156,8 +156,9 @@ def _add_plugin_subcommands(sub: argparse._SubParsersAction) -> None:
         return
     from . import measure  # reads this tool's checkpoints for them
 
-    add_subcommands(sub, model_factory=measure.model_factory, data_factory=measure.data_factory,
-                    loss_factory=measure.loss_factory)
+    parsers = add_subcommands(sub, model_factory=measure.model_factory, data_factory=measure.data_factory,
+                              loss_factory=measure.loss_factory)
+    measure.add_data_dir_flag(parsers.values())
 
 
 def _broken_subcommands(sub: argparse._SubParsersAction, error: BaseException) -> None:
@@ -273,7 +274,7 @@ def _run(args: argparse.Namespace, command: str) -> int:
     from .distributed import broadcast_object, init_distributed, shutdown
     from .progress import NullReporter, make_reporter
     from .report import print_table
-    from .runner import compare
+    from .runner import compare, describe_interrupted
     from .train import load_data
 
     cfg = config_from_args(args, command)
@@ -303,8 +304,7 @@ def _run(args: argparse.Namespace, command: str) -> int:
         except KeyboardInterrupt:
             reporter.close()
             if info.is_main:
-                print(f"\n{PROG}: interrupted; every run keeps its last finished epoch in {out}/checkpoints.\n"
-                      f"Continue with: {PROG} {command} --out {out} --resume", file=sys.stderr)
+                print(f"\n{PROG}: {describe_interrupted(out, f'{PROG} {command}')}", file=sys.stderr)
             return EXIT_INTERRUPTED
         finally:
             reporter.close()  # stops the live display (idempotent)

@@ -60,7 +60,7 @@ class ExperimentConfig:
 
     # ---- data
     dataset: str = _f("mnist1d", "str", "data set: mnist1d (generated locally), digits (scikit-learn), cifar10, cifar100 (from --data-dir)")
-    data_dir: str | None = _f(None, "optional_str", "folder of the CIFAR pickles, and where MNIST-1D is cached (default: $FLATMINIMA_DATA or ~/.cache/flatminima)")
+    data_dir: str | None = _f(None, "optional_str", "folder of the CIFAR batches (python or binary version), and where MNIST-1D is cached (default: $FLATMINIMA_DATA or ~/.cache/flatminima)")
     num_samples: int = _f(10000, "int", "MNIST-1D examples to generate (80%% train, 20%% test)")
     train_size: int | None = _f(None, "optional_int", "use only the first N training examples")
     test_size: int | None = _f(None, "optional_int", "use only the first N test examples")

@@ -12,7 +12,9 @@ Nothing is ever downloaded:
 * ``cifar10`` / ``cifar100``: the python-pickle version of CIFAR (read through an unpickler that allows
   only what those batches hold: a crafted file cannot run code), read from
   ``--data-dir`` (the extracted ``cifar-10-batches-py`` / ``cifar-100-python``
-  folder, or a folder that contains it).
+  folder, or a folder that contains it); or the binary version
+  (``cifar-10-batches-bin`` / ``cifar-100-binary``, no pickle at all: see
+  :mod:`.cifar_binary`).
 
 ``load_dataset(name, ...)`` returns a :class:`Dataset` with clean labels;
 label noise is added by :mod:`flatminima.experiments.noise`.
@@ -33,6 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import cifar_binary
 from .checkpoint import atomic_write
 from .errors import ConfigError, DataError
 
@@ -294,8 +297,9 @@ def cifar_files(name: str) -> list[str]:
 
 
 def find_cifar_dir(name: str, data_dir: str | os.PathLike[str] | None) -> Path:
-    """The folder holding the CIFAR pickles: ``data_dir`` itself or its
-    standard sub-folder; a clear :class:`DataError` otherwise."""
+    """The folder holding the CIFAR pickles (or, failing them, the binary
+    batches): ``data_dir`` itself or its standard sub-folder; a clear
+    :class:`DataError` otherwise."""
     spec = _CIFAR[name]
     layout = (
         f"the python version of {spec['title']} as extracted from {spec['archive']}: "
@@ -304,16 +308,22 @@ def find_cifar_dir(name: str, data_dir: str | os.PathLike[str] | None) -> Path:
     if data_dir is None:
         raise DataError(f"{spec['title']} is read from a local folder (nothing is downloaded): "
                         f"give --data-dir, a folder holding {layout}")
+    binary = cifar_binary.LAYOUTS[name]
+    layout += f"; or the binary version from {binary.archive}: {', '.join(binary.files)}"
     root = Path(data_dir).expanduser()
     if not root.is_dir():
         raise DataError(f"{spec['title']}: data folder {root} does not exist; it must hold {layout}")
-    candidates = [root, root / spec["folder"]]
-    for folder in candidates:
-        if all((folder / f).is_file() for f in cifar_files(name)):
-            return folder
+    for files, sub in ((cifar_files(name), spec["folder"]), (binary.files, binary.folder)):
+        for folder in (root, root / sub):
+            if all((folder / f).is_file() for f in files):
+                return folder
     # Report against the folder that looks most like the right one.
     folder = root / spec["folder"] if (root / spec["folder"]).is_dir() else root
-    missing = [f for f in cifar_files(name) if not (folder / f).is_file()]
+    if (root / binary.folder).is_dir() or any((root / f).is_file() for f in binary.files):
+        folder = root / binary.folder if (root / binary.folder).is_dir() else root
+        missing = [f for f in binary.files if not (folder / f).is_file()]
+    else:
+        missing = [f for f in cifar_files(name) if not (folder / f).is_file()]
     raise DataError(f"{spec['title']}: folder {folder} is missing {', '.join(missing)}; it must hold {layout}")
 
 
@@ -366,18 +376,27 @@ def _read_cifar_part(path: Path, label_key: str, classes: int) -> tuple[np.ndarr
 
 
 def load_cifar(name: str, data_dir: str | os.PathLike[str] | None) -> Dataset:
-    """CIFAR-10 or CIFAR-100 from the python-pickle layout in ``data_dir``."""
+    """CIFAR-10 or CIFAR-100 from the python-pickle or the binary layout in ``data_dir``."""
     spec = _CIFAR[name]
     folder = find_cifar_dir(name, data_dir)
     parts: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for split in ("train", "test"):
-        xs, ys = zip(*(_read_cifar_part(folder / f, spec["label_key"], spec["classes"]) for f in spec[split]))
-        parts[split] = (np.concatenate(xs), np.concatenate(ys))
-    meta = _unpickle(folder / spec["meta"])
-    names = meta.get(spec["names_key"])
-    class_names = None
-    if isinstance(names, (list, tuple)) and len(names) == spec["classes"]:
-        class_names = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names)
+    if all((folder / f).is_file() for f in cifar_files(name)):
+        for split in ("train", "test"):
+            xs, ys = zip(*(_read_cifar_part(folder / f, spec["label_key"], spec["classes"]) for f in spec[split]))
+            parts[split] = (np.concatenate(xs), np.concatenate(ys))
+        meta = _unpickle(folder / spec["meta"])
+        names = meta.get(spec["names_key"])
+        class_names = None
+        if isinstance(names, (list, tuple)) and len(names) == spec["classes"]:
+            class_names = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names)
+        kind = "python pickles"
+    else:  # find_cifar_dir found the binary version
+        binary = cifar_binary.LAYOUTS[name]
+        for split, files in (("train", binary.train), ("test", binary.test)):
+            xs, ys = zip(*(cifar_binary.read_part(folder / f, binary, spec["classes"]) for f in files))
+            parts[split] = (np.concatenate(xs), np.concatenate(ys))
+        class_names = cifar_binary.read_names(folder / binary.names, spec["classes"])
+        kind = "binary batches"
     return Dataset(
         name,
         torch.from_numpy(parts["train"][0]),
@@ -389,5 +408,5 @@ def load_cifar(name: str, data_dir: str | os.PathLike[str] | None) -> Dataset:
         mean=spec["mean"],
         std=spec["std"],
         class_names=class_names,
-        source=f"{spec['title']} python pickles in {folder}",
+        source=f"{spec['title']} {kind} in {folder}",
     )

@@ -9,6 +9,8 @@
   need to read this tool's checkpoints (``--keep-checkpoints`` keeps them):
   the model rebuilt from ``checkpoint["model_info"]``, the data set and
   label noise from ``checkpoint["config"]``, the training criterion.
+  :func:`add_data_dir_flag` gives both commands ``--data-dir``, and
+  :func:`data_folder` says where the data is read from.
 
 The measured objective is the training objective: the labels trained on
 (noisy, when there is label noise) and the training loss (with its label
@@ -17,7 +19,10 @@ smoothing); the model is in eval mode.
 
 from __future__ import annotations
 
+import argparse
+import functools
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -74,10 +79,24 @@ def model_factory(ckpt: Mapping[str, Any]) -> nn.Module:
     return model_from_info(ckpt["model_info"])
 
 
+def data_folder(recorded: str | None, given: str | None) -> str | None:
+    """The data folder of a checkpoint's run, as an absolute path.
+
+    A checkpoint is a file someone may hand over, so the folder it names is
+    never resolved against the checkpoint's own folder: the user's
+    ``--data-dir`` (``given``) wins; else the folder the run recorded, a
+    relative one taken from the current directory (as when the run was
+    started); else (None) the default MNIST-1D cache."""
+    folder = given if given is not None else recorded
+    return None if folder is None else str(Path(folder).expanduser().absolute())
+
+
 def data_factory(ckpt: Mapping[str, Any], *, split: str, n_samples: int, batch_size: int,
-                 seed: int) -> Sequence[tuple[Tensor, Tensor]]:
-    """``n_samples`` examples of ``split`` (train: with the labels trained on), drawn by ``seed``."""
+                 seed: int, data_dir: str | None = None) -> Sequence[tuple[Tensor, Tensor]]:
+    """``n_samples`` examples of ``split`` (train: with the labels trained on),
+    drawn by ``seed``, from the folder :func:`data_folder` picks."""
     cfg = _config(ckpt)
+    cfg = cfg.replace(data_dir=data_folder(cfg.data_dir, data_dir))
     data = load_data(cfg)
     if split == "train":
         x, y = data.x_train, noisy_labels(data, cfg, int(ckpt.get("seed", 0)))[0]
@@ -88,6 +107,24 @@ def data_factory(ckpt: Mapping[str, Any], *, split: str, n_samples: int, batch_s
     x, y = _subset(x, y, n_samples, seed)
     x = data.prepare(x)
     return [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(y), batch_size)]
+
+
+def add_data_dir_flag(parsers: Iterable[argparse.ArgumentParser]) -> None:
+    """``--data-dir DIR`` on the ``sharpness``/``landscape`` parsers: the
+    folder to read the checkpoint's data set from, in place of the one the
+    checkpoint names (see :func:`data_folder`)."""
+    for parser in parsers:
+        parser.add_argument("--data-dir", metavar="DIR", default=None,
+                            help="folder of the checkpoint's data set (CIFAR batches, MNIST-1D cache); default: the "
+                                 "folder the run recorded, a relative one taken from the current directory")
+        run = parser.get_default("func")
+
+        def func(args: argparse.Namespace, run: Any = run) -> int:
+            # the sharpness module calls data_factory(ckpt, split=..., ...): the flag reaches it bound here
+            args.data_factory = functools.partial(data_factory, data_dir=args.data_dir)
+            return int(run(args))
+
+        parser.set_defaults(func=func)
 
 
 def loss_factory(ckpt: Mapping[str, Any]) -> nn.Module:

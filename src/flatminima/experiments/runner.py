@@ -42,6 +42,7 @@ from .config import ExperimentConfig, build_config, config_differences
 from .data import Dataset
 from .distributed import barrier, dist_info
 from .errors import ConfigError, ExperimentError, MethodFailed
+from .lock import locked_out
 from .methods import Method, describe_method, resolve_methods
 from .progress import NullReporter
 from .report import epochs_csv, render_markdown, summarize, summary_csv, table
@@ -135,6 +136,7 @@ def check_resume_config(saved: dict[str, Any], cfg: ExperimentConfig, out: str |
                           + " (start a new --out folder to change them)")
 
 
+@locked_out  # one run at a time in `out` (see lock.py)
 def compare(
     cfg: ExperimentConfig,
     *,
@@ -204,6 +206,24 @@ def compare(
     if out_path is not None and main:
         write_outputs(result, plots=plots)
     return result
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n or 'no'} {what}{'' if n == 1 else 's'}"
+
+
+def describe_interrupted(out: Path, command: str) -> str:
+    """What an interrupted comparison left in ``out`` (counted on disk, not
+    assumed: finished runs delete their checkpoints) and how to go on."""
+    finished = list((out / "runs").glob("*.json")) if (out / "runs").is_dir() else []
+    ckpts = list((out / "checkpoints").glob("*.pt")) if (out / "checkpoints").is_dir() else []
+    tables = [n for n in ("results.json", "epochs.csv", "summary.csv", "summary.md") if (out / n).is_file()]
+    if not (out / "config.json").is_file():
+        return f"interrupted before anything was saved in {out}.\nStart again with: {command} --out {out}"
+    return (f"interrupted; {out} holds {_count(len(finished), 'finished run')} (runs/), "
+            f"{_count(len(ckpts), 'checkpoint')} (checkpoints/) and "
+            + (", ".join(tables) if tables else "no results.json yet")
+            + f".\nContinue with: {command} --out {out} --resume")
 
 
 def write_outputs(result: Comparison, plots: bool = True) -> list[Path]:

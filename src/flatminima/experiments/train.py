@@ -66,6 +66,7 @@ from .errors import ConfigError, ExperimentError, MethodFailed
 from .methods import Method, build_optimizer, resolve_methods
 from .models import build_model, count_parameters, resolve_model_name
 from .noise import corrupt_labels
+from .resume import check_progress, load_optimizer_and_schedule
 
 SEED_INIT, SEED_ORDER, SEED_AUGMENT, SEED_DROPOUT = 1, 2, 3, 4
 
@@ -380,15 +381,14 @@ def train_run(
             if state.get("run") != fingerprint:
                 raise ExperimentError(f"checkpoint {checkpoint} belongs to another run or other settings; "
                                       "remove it or resume with the settings it was written with")
+            start_epoch, steps = check_progress(state, checkpoint, cfg.epochs, steps_per_epoch)
             model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
+            load_optimizer_and_schedule(opt, sched, state, checkpoint, steps)
             if scaler is not None:
                 scaler.load_state_dict(state["scaler"])
             torch.set_rng_state(state["rng"]["torch"])
             if device.type == "cuda" and state["rng"].get("cuda") is not None:
                 torch.cuda.set_rng_state(state["rng"]["cuda"], device)
-            start_epoch, steps = int(state["epoch"]), int(state["steps"])
             result.history = list(state["history"])
 
         if stop_after is not None and start_epoch >= stop_after and start_epoch < cfg.epochs:
