@@ -48,6 +48,8 @@ def _unchanged(opt: flatminima.SharpnessAware, before: dict[str, Any]) -> None:
         ("group", "rho", -5.0, "Invalid rho value: -5.0"),
         ("group", "rho", float("nan"), "rho"),
         ("group", "norm_eps", 0.0, "Invalid norm_eps value: 0.0"),
+        ("base group", "rho", -3.0, "Invalid rho value: -3.0"),  # the base's groups are the ones in effect
+        ("base group", "rho", 0.3, "rho=0.3 in the base optimizer's param group 0 but 0.05 in"),
         ("options", "max_grad_norm", -1.0, "Invalid max_grad_norm value: -1.0"),
         ("options", "sync_perturbations", 1, "sync_perturbations must be a bool"),
         ("counters", "steps", -1, "counters must be non-negative ints"),
@@ -60,6 +62,8 @@ def test_loaded_options_pass_the_constructor_checks(where: str, key: str, value:
     bad = copy.deepcopy(saved)
     if where == "group":
         bad["param_groups"][0][key] = value
+    elif where == "base group":
+        bad["base"]["param_groups"][0][key] = value
     else:
         bad["flatminima"][where][key] = value
     _, other = _trained(max_grad_norm=1.0)
@@ -555,8 +559,8 @@ def _set(path: tuple, value: Any) -> Any:
      "its optimizer state does not load (ValueError: Invalid rho value: -3.0 (must be finite and >= 0))"),
     (lambda s: [_set((*where, "param_groups", 0, "rho"), 0.3)(s) for where in [("optimizer",), ("optimizer", "base")]],
      "param group 0 has rho=0.3 where the run's settings give 0.05"),  # valid, but not this run's
-    (_set(("optimizer", "base", "param_groups", 0, "rho"), -3.0),  # the base part's copy, which the library loads
-     "param group 0 has rho=-3.0 where the run's settings give 0.05"),
+    (_set(("optimizer", "base", "param_groups", 0, "rho"), -3.0),  # the base part's copy: the library refuses it
+     "its optimizer state does not load (ValueError: Invalid rho value: -3.0 (must be finite and >= 0))"),
     (_set(("optimizer", "base", "param_groups", 0, "momentum"), 0.5),
      "param group 0 has momentum=0.5 where the run's settings give 0.9"),
     (_set(("optimizer", "flatminima", "options", "max_grad_norm"), 1.0),

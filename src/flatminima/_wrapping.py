@@ -244,6 +244,15 @@ class Wrapped(Optimizer):
             lost = sorted(k for k in here if k != "params" and (not isinstance(saved, Mapping) or k not in saved))
             if lost:
                 raise ValueError(f"param group {i} of the base optimizer's state dict lacks {lost}")
+            # The base's groups are the ones in effect after a load: the same checks, and the same values
+            self._check_group({**{k: v for k, v in here.items() if k != "params"}, **saved})
+            top = state_dict["param_groups"][i]
+            for name in self._method_defaults:
+                if not _same_value(saved[name], top[name]):
+                    raise ValueError(
+                        f"state dict has {name}={saved[name]!r} in the base optimizer's param group {i} but "
+                        f"{top[name]!r} in its own: it was edited by hand; make them agree"
+                    )
         self._check_loaded_meta(meta)
         return meta
 
@@ -300,6 +309,10 @@ def _same_kind(a: Any, b: Any) -> bool:
     if isinstance(b, float):  # running statistics
         return isinstance(a, (int, float)) and math.isfinite(a)
     return a is None or b is None or isinstance(a, type(b))
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    return a is b or type(a) is type(b) and (a == b or a != a and b != b)  # NaN equals NaN here
 
 
 def _as_list(params: Any) -> list[Tensor]:
