@@ -21,6 +21,8 @@ single-process step.
 
 from __future__ import annotations
 
+import importlib.util
+
 import argparse
 import copy
 import datetime
@@ -199,6 +201,14 @@ def run_training_benchmark(*, quick: bool = False, tiny: bool = False, threads: 
         torch.set_num_threads(old)
     if ddp:
         res["ddp"] = bench_ddp(tiny=tiny, reps=reps, warmup=warmup, progress=progress)
+    if importlib.util.find_spec("transformers") is not None:  # the dev extra has it
+        from .hf import bench_hf
+
+        torch.set_num_threads(1)
+        try:
+            res["hf"] = bench_hf(quick=quick, tiny=tiny, progress=progress)
+        finally:
+            torch.set_num_threads(old)
     if out:
         with open(out, "w") as f:
             json.dump(res, f, indent=1, default=str)
@@ -232,6 +242,10 @@ def render(res: dict[str, Any]) -> str:
                              f"{w['ddp_vs_single'][k]:.3f}"])
             rows.append([name, "SAM x SGD", f"{w['sam_vs_sgd_single']:.3f}", f"{w['sam_vs_sgd_ddp']:.3f}", ""])
         lines.append(table(["workload", "optimizer", "1 process [ms]", "DDP [ms]", "x single"], rows, "llrrr"))
+    if "hf" in res:
+        from .hf import render as render_hf
+
+        lines += ["", render_hf(res["hf"])]
     return "\n".join(lines)
 
 

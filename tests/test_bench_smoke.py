@@ -102,3 +102,6 @@ def test_training_benchmark_structure() -> None:
         assert w["vs_fp32"]["sam/fp32"]["median"] == 1.0
     text = render(res)
     assert "fp16+scaler" in text and "SAM x SGD" in text
+    for optim in ("sgd", "adamw_torch"):  # the Hugging Face Trainer part (transformers is in the dev extra)
+        assert _positive_finite(res["hf"][optim]["sam_vs_plain"]) and res["hf"][optim]["n"] == 2 * 3
+    assert "SharpnessAwareTrainer" in text

@@ -265,3 +265,12 @@ def test_trainer_under_torchrun_is_per_replica_sam(tmp_path: Path) -> None:
     assert max_diff(runs[0]["weights"], weights(model)) < 1e-6
     sync = runs[0]["no_sync_weights"]  # one global eps (sync_perturbations=True) differs: the check can fail
     assert max_diff(sync, weights(model)) > 1e-6
+
+
+def test_the_example_runs(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import runpy
+
+    example = Path(__file__).parents[1] / "examples" / "hf_trainer.py"
+    monkeypatch.setattr(sys, "argv", [str(example), "--method", "looksam", "--steps", "5"])
+    runpy.run_path(str(example), run_name="__main__")
+    assert "LookSAM: 5 steps, 1 perturbed, 0 skipped" in capsys.readouterr().out

@@ -112,7 +112,7 @@ class SharpnessAwareAcceleratedOptimizer(AcceleratedOptimizer):
         self._is_overflow = sa.skipped_steps > skipped or sa.step_count == taken
         self.last_losses = (losses[0] if losses else None, losses[1] if len(losses) > 1 else None)
         grads = [p.grad for g in sa.param_groups for p in g["params"] if p.grad is not None]
-        self.last_direction_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) if grads else None
+        self.last_direction_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else None
         return loss
 
     def forget_window(self) -> None:
@@ -121,7 +121,7 @@ class SharpnessAwareAcceleratedOptimizer(AcceleratedOptimizer):
 
     def _replay(self, closures: list[Callable[[], Any]], losses: list[Tensor]) -> Any:
         """One pass of the step: zero once, then every micro-batch's forward and backward."""
-        super().zero_grad(set_to_none=True)
+        self.sharpness_aware.zero_grad(set_to_none=True)  # (accelerate's zero_grad inspects a signature per call)
         total: Any = None
         for i, closure in enumerate(closures):
             with self._local() if i < len(closures) - 1 else nullcontext(), self._replay_context():
