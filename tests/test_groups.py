@@ -458,3 +458,115 @@ def test_asam_official_scope_by_hand():
     full = {n: w[n].abs() + eta for n in names}
     for n in ("1.bias", "3.bias"):  # (0.bias feeds BatchNorm: its gradient is ~0)
         assert not torch.allclose(eps[n], rho * full[n] ** 2 * g[n] / (norm + 1e-12), rtol=1e-3)
+
+
+class _TinyViT(nn.Module):
+    """The parameters a ViT exempts through timm's ``no_weight_decay()``:
+    tokens and position embeddings (3-dim, so no shape rule catches them).
+    It lists ``dist_token``, which it does not have, as timm's ViT does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, 4))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 3, 4))
+        self.proj = nn.Linear(4, 4)
+        self.blocks = nn.ModuleList([nn.Linear(4, 4) for _ in range(2)])
+        self.scales = nn.ParameterList([nn.Parameter(torch.ones(2, 4)) for _ in range(2)])
+        self.norm = nn.LayerNorm(4)
+        self.head = nn.Linear(4, 2)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"cls_token", "pos_embed", "dist_token", "scales.*"}  # timm matches them with fnmatch
+
+
+class _TinySwin(nn.Module):
+    """Swin's convention: ``no_weight_decay_keywords()`` exempts every
+    parameter whose name contains one of them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.absolute_pos_embed = nn.Parameter(torch.zeros(1, 3, 4))
+        self.layers = nn.ModuleList([_SwinBlock() for _ in range(2)])
+
+    def no_weight_decay(self) -> list[str]:
+        return ["absolute_pos_embed"]
+
+    def no_weight_decay_keywords(self) -> tuple[str, ...]:
+        return ("relative_position_bias_table",)
+
+
+class _SwinBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.relative_position_bias_table = nn.Parameter(torch.zeros(9, 2))
+        self.qkv = nn.Linear(4, 12)
+
+
+def test_split_honours_no_weight_decay():
+    vit = _TinyViT()
+    main, rest = flatminima.split_param_groups(vit, weights={"weight_decay": 0.05}, others={"weight_decay": 0.0})
+    assert ids(main["params"]) == ids([vit.proj.weight, *(b.weight for b in vit.blocks), vit.head.weight])
+    assert ids(rest["params"]) == ids(
+        [vit.cls_token, vit.pos_embed, vit.proj.bias, *(b.bias for b in vit.blocks), *vit.scales,
+         vit.norm.weight, vit.norm.bias, vit.head.bias]
+    )
+    swin = _TinySwin()
+    main, rest = flatminima.split_param_groups(swin)
+    assert ids(main["params"]) == ids([b.qkv.weight for b in swin.layers])
+    assert ids(rest["params"]) == ids(
+        [swin.absolute_pos_embed, *(p for b in swin.layers for p in (b.relative_position_bias_table, b.qkv.bias))]
+    )
+
+
+def test_split_no_weight_decay_of_a_submodule_and_of_a_shared_parameter():
+    """A backbone's own list counts inside the user's module (names relative
+    to the backbone), and a tied parameter is exempt under either name."""
+    vit = _TinyViT()
+    vit.blocks[1].weight = vit.blocks[0].weight  # tied: first seen as blocks.0.weight
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.vit = vit
+
+        def no_weight_decay(self) -> set[str]:
+            return {"vit.blocks.1.weight"}
+
+    main, rest = flatminima.split_param_groups(Tied())
+    assert ids(main["params"]) == ids([vit.proj.weight, vit.head.weight])
+    assert id(vit.blocks[0].weight) in ids(rest["params"])
+
+
+def test_split_asam_rule_ignores_no_weight_decay():
+    """rule="asam" is the official ASAM scope (names containing "weight"),
+    which is not about weight decay: a listed ``head.weight`` stays adaptive."""
+
+    class Listed(_TinyViT):
+        def no_weight_decay(self) -> set[str]:
+            return {"head.weight"}
+
+    net = Listed()
+    main, _ = flatminima.split_param_groups(net, rule="asam")
+    assert id(net.head.weight) in ids(main["params"])
+    main, rest = flatminima.split_param_groups(net)
+    assert id(net.head.weight) in ids(rest["params"]) and id(net.head.weight) not in ids(main["params"])
+
+
+def test_split_no_weight_decay_errors():
+    class NotCallable(nn.Module):
+        no_weight_decay = {"cls_token"}
+
+    class OneString(_TinyViT):
+        def no_weight_decay(self) -> str:  # type: ignore[override]
+            return "cls_token"
+
+    class NotNames(_TinySwin):
+        def no_weight_decay_keywords(self) -> list[object]:  # type: ignore[override]
+            return [("relative_position_bias_table",)]
+
+    with pytest.raises(TypeError, match=r"NotCallable.no_weight_decay must be a method returning parameter names, got set"):
+        flatminima.split_param_groups(NotCallable())
+    with pytest.raises(TypeError, match=r"OneString.no_weight_decay\(\) must return a collection of str, got str 'cls_token'"):
+        flatminima.split_param_groups(OneString())
+    with pytest.raises(TypeError, match=r"NotNames.no_weight_decay_keywords\(\) must return a collection of str, got an item tuple"):
+        flatminima.split_param_groups(NotNames())

@@ -52,7 +52,8 @@ PROTOCOL: dict[str, Option] = {
         None,
         lambda name, value: value,  # type-checked in SharpnessAware.__init__
         "the module: ``step(closure)`` then keeps BatchNorm running statistics from the perturbed pass; "
-        "under DDP give the ``DistributedDataParallel`` module (one ``eps`` per replica)",
+        "under DDP give the ``DistributedDataParallel`` module, under Lightning's DDP the LightningModule "
+        "(one ``eps`` per replica)",
         wide=True,
         saved=False,
     ),

@@ -1,6 +1,7 @@
 """What the ranks of a data-parallel run must agree on: one object.
 
-Under DDP (``model=`` the ``DistributedDataParallel`` module) the default
+Under DDP (``model=`` the ``DistributedDataParallel`` module, or a
+LightningModule that Lightning's DDP strategy wrapped in one) the default
 is one ``eps`` per replica: the clean pass runs under ``no_sync()`` and only
 the perturbed gradient is averaged, by DDP itself. What a method computes
 from its own replica's gradient (a kept clean gradient, an EMA) is
@@ -27,8 +28,27 @@ _BUCKET_ELEMENTS = 1 << 24  # 64 MiB of float32: bounds the flat buffer's memory
 
 
 def ddp_module(model: nn.Module | None) -> nn.parallel.DistributedDataParallel | None:
-    """``model`` when it is a ``DistributedDataParallel`` wrapper, else None."""
-    return model if isinstance(model, nn.parallel.DistributedDataParallel) else None
+    """The ``DistributedDataParallel`` wrapper that runs ``model``: ``model``
+    itself when it is one, or the one a Lightning Trainer put around it, else
+    None. Looked up at every step: Lightning's ``strategy="ddp"`` wraps the
+    LightningModule at ``fit()``, and the user only knows ``model=self``."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return model
+    wrapper = _trainer_model(model)
+    if isinstance(wrapper, nn.parallel.DistributedDataParallel) and wrapper.module is model:
+        return wrapper
+    return None
+
+
+def _trainer_model(model: nn.Module | None) -> object:
+    """``model.trainer.model``: what a Lightning Trainer runs a LightningModule
+    through (the DDP wrapper under ``strategy="ddp"``), read by duck typing so
+    that the core imports no Lightning; None when there is none."""
+    try:
+        trainer = getattr(model, "trainer", None)
+    except RuntimeError:  # LightningModule.trainer raises when no Trainer is attached
+        return None
+    return getattr(trainer, "model", None)
 
 
 def world_size(group: object) -> int:

@@ -2,7 +2,10 @@
 
 Automatic optimization needs nothing from here: Lightning calls
 ``optimizer.step(closure=...)`` and every flatminima optimizer runs its
-passes through that closure (docs/lightning.md). What Lightning's own fp16
+passes through that closure (docs/lightning.md). Nor does
+``strategy="ddp"``: an optimizer given ``model=self`` finds the DDP wrapper
+Lightning put around the module (``_replicas.ddp_module``), so eps is per
+replica as under plain DDP. What Lightning's own fp16
 plugin cannot do is hand the closure *and* its GradScaler to the optimizer:
 ``MixedPrecision.optimizer_step`` runs the closure once and then calls
 ``scaler.step(optimizer)`` without it. :class:`SharpnessAwareMixedPrecision`

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
+from fnmatch import fnmatchcase
 from typing import Any, Literal
 
 from torch import nn
@@ -25,11 +27,19 @@ def split_param_groups(
     """Return ``[{"params": weights, **weights}, {"params": others, **others}]``.
 
     ``rule="bias_and_norm"`` (default): "others" are biases, every parameter
-    of a normalisation layer (BatchNorm, LayerNorm, GroupNorm, RMSNorm, ...)
-    and any parameter with fewer than 2 dims — the usual set to exempt from
-    weight decay. ``rule="asam"``: "others" are parameters whose name does not
+    of a normalisation layer (BatchNorm, LayerNorm, GroupNorm, RMSNorm, ...),
+    any parameter with fewer than 2 dims, and the parameters the model itself
+    exempts from weight decay, as timm's optimizer factory reads them: the
+    names ``model.no_weight_decay()`` returns (``cls_token``, ``pos_embed``;
+    ``fnmatch`` patterns, a name that matches no parameter is ignored) and the
+    names containing one of ``model.no_weight_decay_keywords()`` (Swin's
+    ``relative_position_bias_table``). Names are those of
+    ``model.named_parameters()``; a submodule's lists (a timm backbone inside
+    your module) count too, with names relative to that submodule; a shared
+    parameter is exempt under any of its names. ``rule="asam"``: "others" are parameters whose name does not
     contain ``"weight"`` — exactly the official ASAM code's scope (so
-    BatchNorm's gamma *is* normalised there).
+    BatchNorm's gamma *is* normalised there; ``no_weight_decay()`` plays no
+    part).
 
     Shared parameters appear once. Empty groups are dropped.
 
@@ -54,6 +64,7 @@ def split_param_groups(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if rule not in ("bias_and_norm", "asam"):
         raise ValueError(f"Invalid rule value: {rule!r} (expected 'bias_and_norm' or 'asam')")
+    exempt = _exempt_from_weight_decay(model) if rule == "bias_and_norm" else set()
     seen: set[int] = set()
     main: list[nn.Parameter] = []
     rest: list[nn.Parameter] = []
@@ -65,7 +76,42 @@ def split_param_groups(
             if rule == "asam":
                 is_other = "weight" not in f"{module_name}.{name}"
             else:
-                is_other = isinstance(module, _NORM_TYPES) or name.endswith("bias") or p.dim() < 2
+                is_other = isinstance(module, _NORM_TYPES) or name.endswith("bias") or p.dim() < 2 or id(p) in exempt
             (rest if is_other else main).append(p)
     groups = [{"params": main, **(weights or {})}, {"params": rest, **(others or {})}]
     return [g for g in groups if g["params"]]
+
+
+def _exempt_from_weight_decay(model: nn.Module) -> set[int]:
+    """The ids of the parameters that ``model`` or one of its submodules
+    exempts from weight decay by name (a timm backbone inside the user's
+    module keeps its exemptions; its names are relative to itself)."""
+    exempt: set[int] = set()
+    for module in model.modules():
+        patterns = _names(module, "no_weight_decay")
+        keywords = _names(module, "no_weight_decay_keywords")
+        if patterns or keywords:
+            exempt.update(
+                id(p)
+                for name, p in module.named_parameters(remove_duplicate=False)
+                if any(fnmatchcase(name, pat) for pat in patterns) or any(k in name for k in keywords)
+            )
+    return exempt
+
+
+def _names(model: nn.Module, method: str) -> Collection[str]:
+    """What ``model.<method>()`` returns (nothing without the method), checked
+    to be names: a bare string would otherwise be read letter by letter."""
+    where = f"{type(model).__name__}.{method}"
+    fn = getattr(model, method, None)
+    if fn is None:
+        return ()
+    if not callable(fn):
+        raise TypeError(f"{where} must be a method returning parameter names, got {type(fn).__name__}")
+    names = fn()
+    if isinstance(names, (str, bytes)) or not isinstance(names, Collection):
+        raise TypeError(f"{where}() must return a collection of str, got {type(names).__name__} {names!r}")
+    for n in names:
+        if not isinstance(n, str):
+            raise TypeError(f"{where}() must return a collection of str, got an item {type(n).__name__} {n!r}")
+    return names
