@@ -32,7 +32,31 @@ net = model
 x, y = torch.randn(16, 10), torch.randint(0, 3, (16,))
 loader = [(torch.randn(16, 10), torch.randint(0, 3, (16,))) for _ in range(3)]
 loss_fn = criterion = nn.functional.cross_entropy
+opt = flatminima.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+num_steps = steps = total_steps = 10
+Net = lambda: nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 3))
+v = [torch.randn_like(p) for p in model.parameters()]
 """
+
+#: what a page's prose assumes beyond SETUP
+PAGE_SETUP = {
+    "docs/lightning.md": "self = model  # the fragments come from a LightningModule's configure_optimizers",
+    "docs/hf.md": """
+import transformers
+from accelerate.state import AcceleratorState, GradientState
+from hf_models import bert, dataset
+
+AcceleratorState._reset_state(True)  # a fresh process's accelerate, whatever ran before in this one
+GradientState._reset_state()
+transformers.logging.set_verbosity_error()
+model = bert()
+model.train()
+train = val = dataset("bert")
+loader = [{k: v.unsqueeze(0) for k, v in row.items()} for row in train]
+training_args = transformers.TrainingArguments(
+    "out", max_steps=2, use_cpu=True, report_to="none", save_strategy="no", disable_tqdm=True)
+""",
+}
 
 
 def _blocks(page: Path) -> list[tuple[str, str | None]]:
@@ -44,6 +68,7 @@ def test_python_blocks_run(page: Path, tmp_path: Path, monkeypatch: pytest.Monke
     monkeypatch.chdir(tmp_path)  # what a block writes stays in the test's folder
     namespace: dict[str, Any] = {"__name__": "__doc_block__"}
     exec(compile(SETUP, "<setup>", "exec"), namespace)
+    exec(compile(PAGE_SETUP.get(str(page.relative_to(ROOT)), ""), "<page setup>", "exec"), namespace)
     skipped = []
     for i, (code, skip) in enumerate(_blocks(page)):
         if skip:
