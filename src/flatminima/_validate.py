@@ -8,8 +8,23 @@ instead of a silent NaN three thousand steps later.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from numbers import Real
 from typing import Any
+
+
+def closure(owner: str, value: Any) -> Callable[..., Any]:
+    """``step()``'s closure: given, and callable."""
+    if value is None:
+        raise ValueError(
+            f"{owner}.step() needs a closure that zeroes the gradients, runs forward "
+            "and backward and returns the loss; without one use first_step()/second_step(). "
+            "(Lightning's precision='16-mixed' calls step() without its closure: use "
+            "plugins=[flatminima.lightning.SharpnessAwareMixedPrecision('16-mixed', device)])"
+        )
+    if not callable(value):
+        raise TypeError(f"closure must be callable, got {type(value).__name__}")
+    return value  # type: ignore[no-any-return]
 
 
 def number(name: str, value: Any) -> float:
