@@ -441,10 +441,20 @@ class GSAMCombine(Combine):
                 self.first_lr[i] = bg["lr"]
 
 
+def working_tolerance(tensors: list[Tensor]) -> float:
+    """LookSAM's rounding level (docs/methods/looksam.md): 4 machine epsilons
+    of the precision the projection is computed in (float32 at least), or
+    the unit roundoff of the tensors' own dtype, whichever is larger."""
+    return max(
+        max(4 * torch.finfo(torch.promote_types(t.dtype, torch.float32)).eps, torch.finfo(t.dtype).eps / 2)
+        for t in tensors
+    )
+
+
 class LookSAMCombine(Combine):
     """LookSAM (§7). Perturbed step: d = g_s, and g_v = g_s - <g, g_s>/||g||^2 g
-    (g_s where g = 0; a g_v at rounding level, ||g_v|| <= 4 eps_dtype ||g_s||,
-    is 0) kept. Other steps: d = g + alpha ||g||/(||g_v|| + eps0) g_v (g
+    (g_s where g = 0; a g_v at rounding level, ``||g_v|| <= working_tolerance
+    * ||g_s||``, is 0) kept. Computed in the tensors' own dtype, plainly. Other steps: d = g + alpha ||g||/(||g_v|| + eps0) g_v (g
     without a g_v yet). Global vectors, or per tensor with ``layerwise``."""
 
     name = "looksam"
@@ -464,7 +474,7 @@ class LookSAMCombine(Combine):
                 for gi, gpi in zip(gs, gps):
                     g_sq = (gi * gi).sum()
                     gv = gpi - ((gi * gpi).sum() / g_sq if g_sq > 0 else 0.0) * gi
-                    tol = 4 * torch.finfo(gv.dtype).eps
+                    tol = working_tolerance([gv])
                     out.append(gv if gv.norm() > tol * gpi.norm() else torch.zeros_like(gv))
                 self.gv_new.append(out)
         else:
@@ -472,7 +482,7 @@ class LookSAMCombine(Combine):
             g_sq = global_norm(g) ** 2
             c = inner / g_sq if g_sq > 0 else 0.0
             self.gv_new = [[gpi - c * gi for gi, gpi in zip(gs, gps)] for gs, gps in zip(g, gp)]
-            tol = 4 * max(torch.finfo(t.dtype).eps for ts in gp for t in ts)
+            tol = working_tolerance([t for ts in gp for t in ts])
             if global_norm(self.gv_new) <= tol * global_norm(gp):
                 self.gv_new = [[torch.zeros_like(t) for t in ts] for ts in self.gv_new]
         return gp

@@ -45,10 +45,10 @@ def scaled_closure(opt: Any, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     return closure
 
 
-@pytest.mark.parametrize("api", ["closure", "explicit", "chunks"])
+@pytest.mark.parametrize("api", ["closure", "explicit", "snippet", "chunks"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_scaled_run_equals_unscaled_run(case: Case, api: str) -> None:
-    if api == "explicit" and case.closure != "loss":
+    if api in ("explicit", "snippet") and case.closure != "loss":
         pytest.skip("the explicit per-sample protocol calls backward itself (tests/helpers.explicit_step)")
     model, opt, _, _ = build_pair(case, "sgd-momentum", case.second_group)
     model2, opt2, _, _ = build_pair(case, "sgd-momentum", case.second_group)
@@ -65,6 +65,13 @@ def test_scaled_run_equals_unscaled_run(case: Case, api: str) -> None:
             xs, ys = x.chunk(2), y.chunk(2)
             torch.manual_seed(i)
             opt2.step(lambda j, *a: scaled_closure(opt2, model2, xs[j], ys[j], sc, case.closure)(*a), scaler=sc, chunks=2)
+        elif api == "snippet":  # the popular snippet: a second (scaled) backward whatever first_step() says
+            helpers.explicit_step(opt, model, x, y)
+            torch.manual_seed(i)
+            sc.scale(nn.functional.cross_entropy(model2(x), y)).backward()
+            opt2.first_step(zero_grad=True, scaler=sc)
+            sc.scale(nn.functional.cross_entropy(model2(x), y)).backward()
+            opt2.second_step(zero_grad=True)
         elif helpers.pre_pass(case.method):  # its order: first_step, then its only (scaled) backward
             helpers.explicit_step(opt, model, x, y)
             torch.manual_seed(i)

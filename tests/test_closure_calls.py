@@ -86,25 +86,3 @@ def test_first_step_tells_the_explicit_api(case: Case) -> None:
         helpers.explicit_step(o_b, m_b, x, y, case.closure)
     assert o_a.counters == o_b.counters
     torch.testing.assert_close(helpers.params_of(m_a), helpers.params_of(m_b), rtol=1e-10, atol=1e-12)
-
-
-@pytest.mark.parametrize(
-    "case", [c for c in CASES if c.closure == "loss" and c.closure_calls and 1 in c.closure_calls], ids=lambda c: c.id
-)
-def test_snippet_loop_on_one_pass_steps(case: Case) -> None:
-    """The popular snippet runs the second pass whatever first_step() says. On
-    a step without a perturbed pass that pass recomputes g at w (its
-    zero_grad() re-binds .grad); second_step() uses that .grad, so the run
-    equals the closure API's."""
-    (m_a, o_a), (m_b, o_b) = build(case), build(case)
-    for i, (x, y) in enumerate(helpers.batches(STEPS, torch.float64, size=16)):
-        torch.manual_seed(i)
-        o_a.step(helpers.make_closure(o_a, m_a, x, y))
-        closure = helpers.make_closure(o_b, m_b, x, y)
-        torch.manual_seed(i)
-        closure()
-        o_b.first_step(zero_grad=True)
-        closure()
-        o_b.second_step(zero_grad=True)
-    assert o_a.counters == o_b.counters
-    assert all(torch.equal(p, q) for p, q in zip(m_a.parameters(), m_b.parameters()))

@@ -4,7 +4,8 @@ Per-replica perturbation (the default, the paper's m-sharpness): every rank
 perturbs with its own gradient, the clean pass runs under ``no_sync()`` and
 only the perturbed gradient is averaged. For every configuration of
 methods_db, through ``step(closure)`` with ``model=`` the DDP module and
-through the explicit API with ``opt.clean_pass()``:
+through the explicit API with ``opt.clean_pass()`` (guarded by first_step(),
+and the popular snippet's unguarded loop):
 
 * the two ranks end bit-identical (weights and optimizer state), and
 * they equal the single-process reference of the same semantics
@@ -68,6 +69,12 @@ def _run_case(case: Case, rank: int, mode: str) -> dict[str, Any]:
             if opt.first_step(zero_grad=True):
                 nn.functional.cross_entropy(ddp(xr), yr).backward()
             opt.second_step(zero_grad=True)
+        elif mode == "snippet":  # the popular snippet: the second (synced) backward whatever first_step() says
+            with opt.clean_pass():
+                nn.functional.cross_entropy(ddp(xr), yr).backward()
+            opt.first_step(zero_grad=True)
+            nn.functional.cross_entropy(ddp(xr), yr).backward()
+            opt.second_step(zero_grad=True)
         elif mode == "scaler":
             def closure() -> torch.Tensor:
                 opt.zero_grad()
@@ -87,6 +94,11 @@ MODES = {
     "closure": CASES,
     "explicit": [c for c in CASES if c.closure == "loss"],
     "sync": CASES,
+    # the configurations with steps that skip the perturbed pass (and the pre-pass method)
+    "snippet": [
+        c for c in CASES
+        if c.closure == "loss" and (c.closure_calls is None or 1 in c.closure_calls or helpers.pre_pass(c.method))
+    ],
     # sam, sam-rho0.3, asam+gc (the sam record), asam-eta0.01
     "scaler": [c for c in CASES if c.closure == "loss"][:4],
 }
@@ -199,7 +211,7 @@ def test_ranks_end_bit_identical(ranks: list[dict[str, Any]], mode: str, case: C
 
 @pytest.mark.parametrize(
     ("mode", "case"),
-    [(m, c) for m in ("closure", "explicit", "scaler") for c in MODES[m]],
+    [(m, c) for m in ("closure", "explicit", "snippet", "scaler") for c in MODES[m]],
     ids=lambda v: getattr(v, "id", v),
 )
 def test_per_replica_equals_single_process_chunks(ranks: list[dict[str, Any]], mode: str, case: Case) -> None:

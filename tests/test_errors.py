@@ -175,6 +175,67 @@ def test_base_kwargs_with_instance(case):
     assert "instance" in str(info.value)
 
 
+class _NeedsClosure(torch.optim.SGD):
+    """A base optimizer whose step() requires a closure, as LBFGS's does."""
+
+    def step(self, closure):  # type: ignore[override]
+        return super().step(closure)
+
+
+@pytest.mark.parametrize("method", flatminima.list_methods())
+def test_base_optimizers_that_cannot_be_driven(method):
+    """A sharpness-aware step hands its base optimizer one dense direction in
+    .grad and calls step() without a closure: LBFGS (and any optimizer whose
+    step() needs its own closure) and SparseAdam are refused at construction
+    (class or instance), with the reason."""
+    model = mlp(dtype=DTYPE)
+    for base in (torch.optim.LBFGS, torch.optim.LBFGS(model.parameters()), _NeedsClosure):
+        with pytest.raises(TypeError, match=r"cannot wrap (LBFGS|_NeedsClosure): its step\(\) needs a closure of its own"):
+            flatminima.create(method, model.parameters(), base, **({"lr": 0.1} if isinstance(base, type) else {}))
+    for base in (torch.optim.SparseAdam, torch.optim.SparseAdam(model.parameters())):
+        with pytest.raises(TypeError, match="cannot wrap SparseAdam: it takes sparse gradients only.*use Adam or AdamW"):
+            flatminima.create(method, model.parameters(), base)
+
+
+@pytest.mark.parametrize("method", flatminima.list_methods())
+def test_unknown_keyword_names_both_option_sets(method):
+    """A keyword neither the method nor the base optimizer takes: a TypeError
+    that names the keyword, every option of the method and the base
+    optimizer's arguments (not SGD's constructor blaming itself)."""
+    model = mlp(dtype=DTYPE)
+    with pytest.raises(TypeError, match="got unexpected keyword argument") as info:
+        flatminima.create(method, model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, bogus_option=1)
+    msg = str(info.value)
+    cls = flatminima.get_method(method).cls
+    assert "'bogus_option': neither an option of " + cls.__name__ in msg, msg
+    ours, theirs = msg.split("nor an argument of its base optimizer SGD")
+    for name in flatminima.get_method(method).defaults():
+        assert re.search(rf"\b{name}\b", ours), (name, msg)
+    for name in ("lr", "momentum", "weight_decay", "nesterov"):
+        assert re.search(rf"\b{name}\b", theirs), (name, msg)
+
+
+def test_create_ae_sam_with_the_papers_r() -> None:
+    """The issue's case: AE-SAM's target fraction is ``sam_fraction``."""
+    model = mlp(dtype=DTYPE)
+    with pytest.raises(TypeError, match=r"AESAM got unexpected keyword argument\(s\) 'r': .*sam_fraction.* SGD \(lr, mom"):
+        flatminima.create("ae_sam", model.parameters(), torch.optim.SGD, r=0.3, lr=0.1)
+    opt = flatminima.create("ae_sam", model.parameters(), torch.optim.SGD, sam_fraction=0.3, lr=0.1, nesterov=False)
+    assert opt.sam_fraction == 0.3 and opt.param_groups[0]["lr"] == 0.1
+
+
+def test_base_optimizer_with_var_keywords_checks_its_own() -> None:
+    """A base optimizer taking ``**kwargs`` is handed every keyword the method does not take."""
+
+    class Loose(torch.optim.SGD):
+        def __init__(self, params, lr=0.1, **extra):
+            self.extra = extra
+            super().__init__(params, lr=lr)
+
+    opt = flatminima.create("sam", mlp(dtype=DTYPE).parameters(), Loose, lr=0.2, anything=3)
+    assert opt.base_optimizer.extra == {"anything": 3}
+
+
 @pytest.mark.parametrize("case", PER_METHOD, ids=lambda c: c.id)
 def test_instance_over_other_parameters(case):
     model = mlp(dtype=DTYPE)

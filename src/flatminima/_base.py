@@ -108,13 +108,15 @@ class SharpnessAware(Wrapped):
         """Climb to ``w + eps`` from the gradients of the clean pass.
 
         True: run the perturbed pass (forward and backward at ``w + eps``),
-        then :meth:`second_step`; False (no perturbed pass this step, or a
-        non-finite clean gradient): call :meth:`second_step` straight away.
+        then :meth:`second_step`; False (no perturbed pass, or a non-finite
+        clean gradient): :meth:`second_step` straight away; the gradients
+        leave ``.grad`` (None until second_step() puts them back), so a pass
+        run in between (the popular snippet always runs one) changes nothing.
         ``zero_grad=True`` sets the gradients to None after a perturbation.
         A pre-pass method (Momentum-SAM) is called *before* its only
-        backward. ``scaler``: the ``torch.amp.GradScaler`` of the backward;
-        :meth:`second_step` calls ``scaler.update()`` once (do not call
-        ``scaler.step``/``update`` yourself).
+        backward (docs/methods/momentum_sam.md).
+        ``scaler``: the ``torch.amp.GradScaler`` of the backward;
+        :meth:`second_step` calls ``scaler.update()`` once (not you).
         """
         if self._phase is not None:
             raise ValueError(
@@ -122,39 +124,45 @@ class SharpnessAware(Wrapped):
             )
         ctx = self._open(scaler, None if self.pre_pass else self._replicas().per_replica_group())
         try:
-            if self.pre_pass:
+            if self.pre_pass:  # its only backward comes next: what .grad holds is older
+                views.set_aside(ctx, self.param_groups)
                 phase = "perturbed" if self._decide(ctx) and self._prepare(ctx) else "unperturbed"
-                if phase == "perturbed":
-                    self._perturb(ctx)
+            elif not (any(v.params for v in ctx.groups) or self._may_lack_clean_grad()):
+                raise views.no_clean_grad(type(self).__name__)
             elif not self._finite(ctx, ctx.grad_sq, every_rank=True):
                 phase = "skipped"
             elif not self._replicas().decide(ctx, lambda: self._decide(ctx), self.decides_from_gradient):
                 phase = "unperturbed"
             else:
-                self._perturb(ctx)
                 phase = "perturbed"
+            if phase == "perturbed":
+                ctx.aside = None  # a pre-pass step's: stale at w + eps
+                self._perturb(ctx)
+            elif not self.pre_pass:  # after decide: under DDP it averages .grad in place
+                views.set_aside(ctx, self.param_groups)
         except BaseException:
             self._abandon(ctx)  # a hook raised: w and the scaler as they were
             raise
         self._phase, self._pending = phase, ctx
-        if (zero_grad or self.pre_pass) and (phase == "perturbed" or self.pre_pass and zero_grad):
-            self.zero_grad()  # a pre-pass step's only backward comes next: .grad is stale when it perturbs
+        if zero_grad and phase == "perturbed":
+            self.zero_grad()
         return phase == "perturbed"
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
         """Come back to ``w`` and take the base optimizer's step with the
-        perturbed pass's gradients in ``.grad``. A non-finite gradient in
-        either pass skips the whole step (counted in :attr:`skipped_steps`).
-        When first_step() returned False and a pass ran anyway (the popular
-        snippet always runs it), what that pass left in ``.grad`` is used and
-        checked."""
+        perturbed pass's gradients in ``.grad``, or, when first_step() returned
+        False, the clean ones it set aside (what a pass wrote since is dropped).
+        A non-finite gradient in either pass skips the whole step (counted in
+        :attr:`skipped_steps`)."""
         if self._phase is None:
             raise ValueError("second_step() called before first_step()")
         phase, ctx = self._phase, self._pending
         assert ctx is not None
         self._phase, self._pending = None, None
         try:
+            if phase != "perturbed" and not self.pre_pass:
+                views.put_back(ctx, self.param_groups)
             if phase == "skipped":
                 self._count_skip("clean")
                 return
@@ -163,16 +171,9 @@ class SharpnessAware(Wrapped):
                     return
                 if ctx.group is not None:
                     self._replicas().average_shards(ctx, False, self.keeps_clean_grad, self.shard_state)
-            elif self.pre_pass or views.grads_replaced(ctx):
-                # A pass ran after first_step() returned False: use, and check, what is in .grad now.
-                views.refresh(ctx, self.param_groups, type(self).__name__)
-                if self.pre_pass and not any(v.params for v in ctx.groups):
-                    raise ValueError(f"{type(self).__name__}: no gradient in .grad; call first_step() before the backward")
-                if ctx.scaling is not None:
-                    ctx.scaling.unscale([p for v in ctx.groups for p in v.params])
-                ctx.grad_sq = [T.sum_of_squares(v.grads, ctx.foreach) for v in ctx.groups]
-                if not self._finite(ctx, ctx.grad_sq, every_rank=False):
-                    self._count_skip("clean" if self.pre_pass else "perturbed")
+            elif self.pre_pass:
+                views.reread_pre_pass(ctx, self.param_groups, type(self).__name__)
+                if not self._read_pass(ctx, clean=True):
                     return
             self._descend(ctx)
         finally:
@@ -346,14 +347,21 @@ class SharpnessAware(Wrapped):
                 "forward and backward at w + eps (a closure that only returns the loss, or an "
                 "optimizer.step() after a single manual backward, would descend along eps)"
             )
+        return self._read_pass(ctx, clean=False)
+
+    def _read_pass(self, ctx: StepContext, clean: bool) -> bool:
+        """The pass now in the views: unscaled, its norms taken and checked; False: counted as skipped."""
         if ctx.scaling is not None:
             ctx.scaling.unscale([p for v in ctx.groups for p in v.params])
-        ctx.perturbed_sq = [T.sum_of_squares(v.grads, ctx.foreach) for v in ctx.groups]
-        # Per-replica perturbed passes are averaged by DDP (every rank sees the
-        # same g_p) except with chunks, whose passes all run locally.
-        if self._finite(ctx, ctx.perturbed_sq, every_rank=ctx.chunked):
+        squares = [T.sum_of_squares(v.grads, ctx.foreach) for v in ctx.groups]
+        ctx.grad_sq, ctx.perturbed_sq = (squares, ctx.perturbed_sq) if clean else (ctx.grad_sq, squares)
+        # DDP averaged this pass (every rank has it) unless chunks ran it locally
+        if self._finite(ctx, squares, every_rank=ctx.chunked):
             return True
-        self._count_skip("perturbed")
+        self._count_skip("clean" if clean else "perturbed")
+        return False
+
+    def _may_lack_clean_grad(self) -> bool:  # whether a clean pass may leave no gradient (ESAM: a mask)
         return False
 
     @torch.no_grad()
@@ -377,6 +385,7 @@ class SharpnessAware(Wrapped):
     @torch.no_grad()
     def _abandon(self, ctx: StepContext) -> None:
         views.restore(ctx)  # the groups perturbed so far
+        views.put_back(ctx, self.param_groups)  # a step without eps: .grad as it was
         if ctx.scaling is not None:
             ctx.scaling.forget()
 
@@ -385,8 +394,6 @@ class SharpnessAware(Wrapped):
         self.counters["skipped_steps"] += 1
 
     def _between_steps(self, what: str) -> None:
-        if self._phase is None:
-            return
-        if what:
+        if self._phase is not None and what:
             raise ValueError(f"{what} called between first_step() and second_step(); save between steps")
-        self.cancel_step()
+        self.cancel_step()  # a no-op between steps

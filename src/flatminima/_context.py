@@ -38,6 +38,9 @@ class StepContext:
     scaling: Any = None  # the step's _scaling.ScaledPasses, when a GradScaler is in use
     #: what the closure handed to this step (``SharpnessAware.note``), e.g. per-sample losses
     data: dict[str, Any] = field(default_factory=dict)
+    #: a step without a perturbed pass: the gradients taken out of ``.grad`` by
+    #: first_step() and put back by second_step() (``_views.set_aside``)
+    aside: list[tuple[Tensor, Tensor]] | None = None
 
     @property
     def grad_norm(self) -> Tensor:

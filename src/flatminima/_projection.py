@@ -1,9 +1,16 @@
 """LookSAM's projection and reuse: the part ``g_v`` of ``g_s`` orthogonal to ``g``, added back between SAM steps.
 
 ``g_v = g_s - <g, g_s> / ||g||^2 * g`` (``g_s`` where ``g = 0``), globally or
-per tensor. A ``g_v`` at rounding level, ``||g_v|| <= 4 eps_dtype ||g_s||``, is
-noise of the subtraction (a 1-element tensor's orthogonal part is exactly 0)
-and is set to 0: the reuse step would scale it up.
+per tensor. Inner products and norms accumulate in float32 at least; the
+subtraction runs in the tensors' dtype, except below float32 (bf16, fp16):
+there each tensor is computed in float32 and rounded once, to ``g_v``
+itself. In bf16 the product ``c g`` alone would be rounded by
+``eps_bf16 |g_s|``, noise of the size of a real ``g_v`` (3% of ``g_s`` is
+common at small ``rho``), which the reuse step scales up to ``alpha ||g||``.
+A ``g_v`` at the rounding level of the precision it was computed in,
+``||g_v|| <= 4 eps_work ||g_s||`` (``eps_work``: float32's for bf16, fp16 and
+float32, float64's for float64), is noise of the subtraction (a 1-element
+tensor's orthogonal part is exactly 0) and is set to 0.
 """
 
 from __future__ import annotations
@@ -33,8 +40,30 @@ def _ratio(inner: Tensor, g_sq: Tensor) -> Tensor:
 
 
 def _tolerance(tensors: list[Tensor]) -> float:
-    """4 machine epsilons of the least precise dtype among ``tensors``."""
-    return 4.0 * max((torch.finfo(t.dtype).eps for t in tensors), default=0.0)
+    """4 machine epsilons of the working dtype, or the unit roundoff of the tensors' own dtype
+    (below float32), whichever is larger."""
+    return max((max(4.0 * torch.finfo(_working(t.dtype)).eps, torch.finfo(t.dtype).eps / 2) for t in tensors), default=0.0)
+
+
+def _working(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the subtraction runs in: float32 at least."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _subtract_(clean: list[Tensor], coefs: list[Tensor], grads: list[Tensor], fe: bool) -> None:
+    """``clean <- grads + coef * clean`` per tensor (``g_v`` from ``g`` in ``clean`` and ``g_s``);
+    tensors below float32 in float32, rounded once (one temporary of one tensor at a time)."""
+    low = [i for i, t in enumerate(clean) if _working(t.dtype) != t.dtype]
+    if low:
+        for i in low:
+            clean[i].copy_(torch.add(grads[i].to(torch.float32), clean[i].to(torch.float32), alpha=coefs[i].item()))
+        keep = sorted(set(range(len(clean))) - set(low))
+        clean, coefs, grads = [clean[i] for i in keep], [coefs[i] for i in keep], [grads[i] for i in keep]
+    if len(set(map(id, coefs))) == 1:  # one global coefficient
+        T.axpby_(clean, coefs[0], grads, 1.0, fe)
+    else:
+        T.mul_each_(clean, coefs, fe)
+        T.add_(clean, grads, fe)
 
 
 def orthogonal_part_(ctx: StepContext, layerwise: bool) -> float | dict[Tensor, float]:
@@ -45,7 +74,7 @@ def orthogonal_part_(ctx: StepContext, layerwise: bool) -> float | dict[Tensor, 
         inner = total([T.dot(v.clean, v.grads, fe) for v in ctx.groups])  # type: ignore[arg-type]
         coef = -_ratio(inner, total(ctx.grad_sq))
         for v in ctx.groups:
-            T.axpby_(v.clean, coef, v.grads, 1.0, fe)  # type: ignore[arg-type]
+            _subtract_(v.clean, [coef] * len(v.grads), v.grads, fe)  # type: ignore[arg-type]
         gv_sq = total([T.sum_of_squares(v.clean, fe) for v in ctx.groups])  # type: ignore[arg-type]
         gv_norm, gs_norm = (math.sqrt(x) for x in host_floats([gv_sq, total(ctx.perturbed_sq or [])]))
         if gv_norm <= _tolerance([t for v in ctx.groups for t in v.params]) * gs_norm:
@@ -57,8 +86,7 @@ def orthogonal_part_(ctx: StepContext, layerwise: bool) -> float | dict[Tensor, 
     for v in ctx.groups:
         clean: list[Tensor] = v.clean  # type: ignore[assignment]
         inners, g_sqs = T.dots(clean, v.grads, fe), T.dots(clean, clean, fe)
-        T.mul_each_(clean, [-_ratio(i, s) for i, s in zip(inners, g_sqs)], fe)
-        T.add_(clean, v.grads, fe)
+        _subtract_(clean, [-_ratio(i, s) for i, s in zip(inners, g_sqs)], v.grads, fe)
         gv_norms = [math.sqrt(x) for x in host_floats(T.dots(clean, clean, fe))]
         gs_norms = [math.sqrt(x) for x in host_floats(T.dots(v.grads, v.grads, fe))]
         drop = [i for i, (a, b, t) in enumerate(zip(gv_norms, gs_norms, clean)) if a <= _tolerance([t]) * b]

@@ -44,6 +44,7 @@ class SampleSelection:
     method_state: dict[str, Any]
     model: torch.nn.Module | None
     _data: dict[str, Any]
+    _masked_step: int | None = None  # the step whose clean pass ran with masked tensors
 
     if TYPE_CHECKING:  # provided by SharpnessAware, which this is mixed into
 
@@ -87,6 +88,12 @@ class SampleSelection:
         off = [p for p, active in zip(params, mask) if not active and p.requires_grad]
         return [] if len(off) == trainable else off  # nothing active: mask nothing, eps = 0
 
+    def _may_lack_clean_grad(self) -> bool:
+        """Whether this step's clean pass ran masked (:meth:`clean_pass`, or ``step``'s own): a mask
+        hiding every tensor the loss uses leaves no gradient at all (eps = 0). An unmasked clean
+        pass without any gradient is a missing backward: first_step() refuses it."""
+        return self._masked_step == self.method_state["step"]
+
     @contextmanager
     def clean_pass(self) -> Iterator[None]:
         """Context for the clean forward/backward of the explicit API: the
@@ -102,9 +109,10 @@ class SampleSelection:
         with self._replicas().local_pass(), self._masked(self._masked_for_clean_pass()):
             yield
 
-    @staticmethod
     @contextmanager
-    def _masked(tensors: list[Tensor]) -> Iterator[None]:
+    def _masked(self, tensors: list[Tensor]) -> Iterator[None]:
+        if tensors:
+            self._masked_step = self.method_state["step"]
         for p in tensors:
             p.requires_grad_(False)
         try:

@@ -103,13 +103,51 @@ def restore(ctx: StepContext) -> None:
         v.saved = None  # free the copy (or the w + eps buffer) now
 
 
-def grads_replaced(ctx: StepContext) -> bool:
-    """Whether ``.grad`` no longer holds the tensors first_step() saw."""
-    for v in ctx.groups:
-        seen = dict(zip(map(id, v.params), v.grads))
-        if any(p.grad is not seen.get(id(p), None) for p in v.group["params"]):
-            return True
-    return False
+def set_aside(ctx: StepContext, param_groups: list[dict[str, Any]]) -> None:
+    """Take every gradient out of ``.grad`` (``p.grad = None``) into ``ctx.aside``.
+
+    A step without a perturbed pass uses the clean gradient, but the popular
+    snippet runs its second backward whatever first_step() said: into an
+    untouched ``.grad`` that backward would add ``g`` again and hand the base
+    optimizer ``2 g``. Held aside, the tensors are out of its reach, and no
+    copy is made."""
+    ctx.aside = [(p, g) for group in param_groups for p in group["params"] if (g := p.grad) is not None]
+    for p, _ in ctx.aside:
+        p.grad = None
+
+
+def no_clean_grad(owner: str) -> ValueError:
+    """The error of a first_step() that finds no gradient to climb along."""
+    return ValueError(
+        f"{owner}.first_step() found no gradient in .grad: the clean backward is missing. Run "
+        "loss.backward() (inside opt.clean_pass()) before first_step(), or use step(closure)"
+    )
+
+
+def put_back(ctx: StepContext, param_groups: list[dict[str, Any]]) -> None:
+    """``.grad`` exactly as :func:`set_aside` found it: what a pass wrote since
+    (the snippet's second backward, at the same ``w``) is dropped. Nothing
+    set aside (a perturbed step): nothing to do."""
+    if ctx.aside is None:
+        return
+    for group in param_groups:
+        for p in group["params"]:
+            p.grad = None
+    for p, g in ctx.aside or []:
+        p.grad = g
+    ctx.aside = None
+
+
+def reread_pre_pass(ctx: StepContext, param_groups: list[dict[str, Any]], owner: str) -> None:
+    """The views of a pre-pass step without ``eps`` (Momentum-SAM's first step): its one pass ran
+    at ``w`` after first_step() (its own order) or before it (the snippet's order: then what
+    first_step() set aside comes back)."""
+    if not any(p.grad is not None for group in param_groups for p in group["params"]):
+        put_back(ctx, param_groups)
+    ctx.aside = None
+    refresh(ctx, param_groups, owner)
+    if not any(v.params for v in ctx.groups):
+        raise ValueError(f"{owner}: no gradient in .grad; call first_step() before the backward")
 
 
 def refresh(ctx: StepContext, param_groups: list[dict[str, Any]], owner: str) -> None:

@@ -12,11 +12,12 @@ the step counters.
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
 
-
+import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
@@ -59,8 +60,11 @@ class Wrapped(Optimizer):
                 f"base optimizer keyword arguments {sorted(base_kwargs)} were given with an optimizer "
                 "instance; set them when building the instance, or pass its class instead"
             )
-        Optimizer.__init__(self, params_list, dict(defaults))
         base_cls = base_optimizer if is_class else type(base_optimizer)
+        _check_drivable(type(self).__name__, base_cls)  # type: ignore[arg-type]
+        if is_class:
+            self._check_base_kwargs(base_cls, base_kwargs)  # type: ignore[arg-type]
+        Optimizer.__init__(self, params_list, dict(defaults))
         self.base_optimizer: Optimizer = (
             base_optimizer(self.param_groups, **base_kwargs) if is_class else base_optimizer  # type: ignore[assignment,operator]
         )
@@ -81,6 +85,21 @@ class Wrapped(Optimizer):
         self.counters: dict[str, int] = {"steps": 0, "perturbed_steps": 0, "skipped_steps": 0}
         #: method-level (not per-parameter) state, saved in the state dict
         self.method_state: dict[str, Any] = {}
+
+    def _check_base_kwargs(self, base_cls: type[Optimizer], base_kwargs: Mapping[str, Any]) -> None:
+        """Keywords that neither this method nor ``base_cls`` takes: a TypeError
+        naming both sets of options (not the base constructor's own error, which
+        would blame the base optimizer for a misspelt method option)."""
+        taken = _arguments(base_cls)
+        unknown = [] if taken is None else [k for k in base_kwargs if k not in taken]
+        if not unknown:
+            return
+        name, ours = type(self).__name__, [*self.group_options, *getattr(self, "wide_options", {})]
+        theirs = [k for k in taken or [] if k not in ours]  # a name both take is ours (foreach)
+        raise TypeError(
+            f"{name} got unexpected keyword argument(s) {', '.join(map(repr, unknown))}: neither an option of "
+            f"{name} ({', '.join(ours)}) nor an argument of its base optimizer {base_cls.__name__} ({', '.join(theirs)})"
+        )
 
     # ------------------------------------------------------------------ groups
     def _all_params(self) -> list[Tensor]:
@@ -298,6 +317,35 @@ class Wrapped(Optimizer):
         for name, value in options.items():
             if name in self.method_options and name in checks:
                 checks[name].check(name, value)
+
+
+def _check_drivable(owner: str, base_cls: type[Optimizer]) -> None:
+    """Refuse, at construction, a base optimizer that a sharpness-aware step cannot drive: it hands
+    the base optimizer one dense direction in ``.grad`` and calls ``step()`` without a closure."""
+    if issubclass(base_cls, torch.optim.SparseAdam):
+        raise TypeError(
+            f"{owner} cannot wrap {base_cls.__name__}: it takes sparse gradients only, and a sharpness-aware "
+            "step works on dense ones (it builds w + eps from them); use Adam or AdamW (with nn.Embedding, sparse=False)"
+        )
+    closure = inspect.signature(base_cls.step).parameters.get("closure")
+    if closure is not None and closure.default is inspect.Parameter.empty:
+        raise TypeError(
+            f"{owner} cannot wrap {base_cls.__name__}: its step() needs a closure of its own (it re-evaluates the "
+            "loss, as LBFGS's line search does), while a sharpness-aware step hands its base optimizer one "
+            "direction in .grad and calls step() without a closure; use a first-order optimizer (SGD, Adam, ...)"
+        )
+
+
+def _arguments(base_cls: type[Optimizer]) -> list[str] | None:
+    """The keyword arguments ``base_cls(params, ...)`` takes; None: any (``**kwargs``) or unknown."""
+    try:
+        params = inspect.signature(base_cls.__init__).parameters
+    except (TypeError, ValueError):  # a constructor without a readable signature: let it check itself
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return None
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [n for n, p in params.items() if n not in ("self", "params") and p.kind in kinds]
 
 
 def _same_kind(a: Any, b: Any) -> bool:

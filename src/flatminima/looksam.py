@@ -71,10 +71,12 @@ class LookSAM(SharpnessAware):
     ``rho``, ``alpha`` and ``norm_eps`` are per-group (with global norms, a
     group's ``alpha`` scales its share of the global ``g_v``).
 
-    A ``g_v`` at rounding level, ``||g_v|| <= 4 eps_dtype ||g_s||`` (globally, or
-    per tensor with ``layerwise``), is set to 0: it is noise of the
-    subtraction (a 1-element tensor's orthogonal part is exactly 0), and the
-    reuse step would scale it up to ``alpha ||g||``.
+    A ``g_v`` at rounding level, ``||g_v|| <= max(4 eps_work, eps_dtype / 2)
+    ||g_s||`` (globally, or per tensor with ``layerwise``; ``eps_work`` of the
+    precision the subtraction runs in, float32 for bf16 and fp16 tensors,
+    which are projected in float32 and rounded once), is set to 0: it is
+    noise of the subtraction (a 1-element tensor's orthogonal part is
+    exactly 0), and the reuse step would scale it up to ``alpha ||g||``.
 
     ``g_v`` is per-parameter state (``state[p]["g_v"]``, saved by
     ``state_dict()``), replaced after each SAM step's base step (a step
