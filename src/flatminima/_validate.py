@@ -8,7 +8,6 @@ instead of a silent NaN three thousand steps later.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from numbers import Real
 from typing import Any
 
