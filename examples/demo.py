@@ -193,7 +193,7 @@ def main(argv=None):
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--rho", type=float, default=0.3, help="SAM radius (library default 0.05)")
     p.add_argument("--asam-rho", type=float, default=3.0, help="ASAM radius (library default 0.5)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="CPU threads for torch (1, as docs/cli.md advises: results do not depend on the core count)")
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)

@@ -5,7 +5,9 @@ paste them into one session, starting from the names a page's prose assumes
 (``SETUP``: a small classifier ``model``, a batch ``x``, ``y``, a
 ``loss_fn``/``criterion``, a ``loader`` of batches and the usual imports).
 A block preceded by ``<!-- doc-test: skip REASON -->`` is skipped with that
-reason (it needs a GPU, torchrun or the CIFAR data).
+reason (it needs a GPU, torchrun or the CIFAR data). ``FAST`` shortens
+what would only take longer (``epochs=10`` runs 1 epoch); nothing else of a
+block is changed.
 """
 
 from __future__ import annotations
@@ -38,8 +40,16 @@ Net = lambda: nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 3))
 v = [torch.randn_like(p) for p in model.parameters()]
 """
 
+TWO_MODELS = """
+import copy
+sgd_model, sam_model = model, copy.deepcopy(model)  # two trained models of one architecture
+test_batches = [(torch.randn(16, 10), torch.randint(0, 3, (16,)))]
+"""
+
 #: what a page's prose assumes beyond SETUP
 PAGE_SETUP = {
+    "docs/sharpness.md": TWO_MODELS,
+    "README.md": TWO_MODELS,
     "docs/lightning.md": "self = model  # the fragments come from a LightningModule's configure_optimizers",
     "docs/hf.md": """
 import transformers
@@ -59,6 +69,15 @@ training_args = transformers.TrainingArguments(
 }
 
 
+FAST = {"epochs=10": "epochs=1"}
+
+
+def _fast(code: str) -> str:
+    for slow, quick in FAST.items():
+        code = code.replace(slow, quick)
+    return code
+
+
 def _blocks(page: Path) -> list[tuple[str, str | None]]:
     return [(m["code"], m["skip"]) for m in FENCE.finditer(page.read_text())]
 
@@ -75,7 +94,7 @@ def test_python_blocks_run(page: Path, tmp_path: Path, monkeypatch: pytest.Monke
             skipped.append(f"block {i + 1}: {skip}")
             continue
         try:
-            exec(compile(code, f"{page.name}[block {i + 1}]", "exec"), namespace)
+            exec(compile(_fast(code), f"{page.name}[block {i + 1}]", "exec"), namespace)
         except Exception as err:
             raise AssertionError(f"{page.relative_to(ROOT)} block {i + 1} fails: {type(err).__name__}: {err}\n{code}") from err
     if skipped and len(skipped) == len(_blocks(page)):

@@ -22,6 +22,8 @@ Command line: :mod:`.cli` (``sharpness`` and ``landscape`` subcommands).
 The formulas are in docs/algorithms.md#sharpness-measures and docs/sharpness.md.
 """
 
+from typing import Any
+
 from .average_case import AverageCaseResult, average_case_sharpness
 from .directions import normalize_direction_, random_direction
 from .eigen import EigenResult, hessian_eigenvalues, lambda_max
@@ -60,3 +62,12 @@ __all__ = [
     "slice_2d",
     "worst_case_sharpness",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # ``sharpness.plot`` on first use: matplotlib is imported only by those who draw
+    if name == "plot":
+        import importlib
+
+        return importlib.import_module(f"{__name__}.plot")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
