@@ -10,6 +10,7 @@ from .friendly_sam import FriendlySAM
 from .gsam import GSAM
 from .looksam import LookSAM
 from .momentum_sam import MomentumSAM
+from .muon_adamw import MuonAdamW, muon_param_groups
 from .param_groups import split_param_groups
 from .passes import all_buffers, is_running_buffer, preserve_running_stats
 from .registry import MethodSpec, create, get_method, list_methods, register
@@ -31,6 +32,7 @@ __all__ = [
     "LookSAM",
     "MethodSpec",
     "MomentumSAM",
+    "MuonAdamW",
     "SharpnessAware",
     "SAMEveryK",
     "StepContext",
@@ -42,6 +44,7 @@ __all__ = [
     "is_running_buffer",
     "list_methods",
     "method_class",
+    "muon_param_groups",
     "preserve_running_stats",
     "register",
     "split_param_groups",

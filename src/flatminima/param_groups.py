@@ -1,4 +1,5 @@
-"""Split a model's parameters into groups: weights vs biases and normalisation parameters."""
+"""Split a model's parameters into groups: weights vs biases and normalisation
+parameters, or (for Muon) the 2-D weights of hidden layers vs the rest."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ def split_param_groups(
     *,
     weights: dict[str, Any] | None = None,
     others: dict[str, Any] | None = None,
-    rule: Literal["bias_and_norm", "asam"] = "bias_and_norm",
+    rule: Literal["bias_and_norm", "asam", "muon"] = "bias_and_norm",
 ) -> list[dict[str, Any]]:
     """Return ``[{"params": weights, **weights}, {"params": others, **others}]``.
 
@@ -39,7 +40,12 @@ def split_param_groups(
     parameter is exempt under any of its names. ``rule="asam"``: "others" are parameters whose name does not
     contain ``"weight"`` — exactly the official ASAM code's scope (so
     BatchNorm's gamma *is* normalised there; ``no_weight_decay()`` plays no
-    part).
+    part). ``rule="muon"``: "weights" are the 2-D weights of hidden layers,
+    what ``torch.optim.Muon`` is for; "others" are the rest, for AdamW: the
+    first and the last layer (the first and the last module, in registration
+    order, with a weight of 2 or more dims: input layer or embedding, and
+    head), biases, normalisation parameters and weights of other shapes
+    (convolutions); ``no_weight_decay()`` plays no part either.
 
     Shared parameters appear once. Empty groups are dropped.
 
@@ -62,9 +68,12 @@ def split_param_groups(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if rule not in ("bias_and_norm", "asam"):
-        raise ValueError(f"Invalid rule value: {rule!r} (expected 'bias_and_norm' or 'asam')")
+    if rule not in ("bias_and_norm", "asam", "muon"):
+        raise ValueError(f"Invalid rule value: {rule!r} (expected 'bias_and_norm', 'asam' or 'muon')")
     exempt = _exempt_from_weight_decay(model) if rule == "bias_and_norm" else set()
+    layers = [m for m in model.modules() if not isinstance(m, _NORM_TYPES)
+              and any(p.dim() >= 2 for p in m.parameters(recurse=False))]
+    outer = {id(layers[0]), id(layers[-1])} if layers else set()  # Muon's docs: not the input layer, not the head
     seen: set[int] = set()
     main: list[nn.Parameter] = []
     rest: list[nn.Parameter] = []
@@ -75,6 +84,8 @@ def split_param_groups(
             seen.add(id(p))
             if rule == "asam":
                 is_other = "weight" not in f"{module_name}.{name}"
+            elif rule == "muon":
+                is_other = id(module) in outer or isinstance(module, _NORM_TYPES) or p.dim() != 2
             else:
                 is_other = isinstance(module, _NORM_TYPES) or name.endswith("bias") or p.dim() < 2 or id(p) in exempt
             (rest if is_other else main).append(p)
