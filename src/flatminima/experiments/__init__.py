@@ -20,15 +20,51 @@ results folder), ``report`` (summaries, table, CSV), ``plots``, ``progress``,
 ``distributed`` (torchrun), ``config`` (settings, TOML), ``cli``.
 """
 
-from .config import DEFAULT_METHODS, ExperimentConfig, build_config, load_toml
-from .data import Dataset, load_dataset
-from .errors import ConfigError, DataError, ExperimentError
-from .methods import Method, build_optimizer, resolve_methods
-from .models import build_model
-from .noise import corrupt_labels
-from .report import Column, register_column, summarize
-from .runner import Comparison, compare
-from .train import RunContext, RunResult, load_data, train_run
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# The names below are imported on first use (PEP 562), not with the package:
+# the ``flatminima`` command (``flatminima.experiments.cli``) must start, and
+# say which extra to install, where numpy and the rest of the ``cli`` extra
+# are missing.
+_EXPORTS = {
+    "DEFAULT_METHODS": "config", "ExperimentConfig": "config", "build_config": "config", "load_toml": "config",
+    "Dataset": "data", "load_dataset": "data",
+    "ConfigError": "errors", "DataError": "errors", "ExperimentError": "errors",
+    "Method": "methods", "build_optimizer": "methods", "resolve_methods": "methods",
+    "build_model": "models",
+    "corrupt_labels": "noise",
+    "Column": "report", "register_column": "report", "summarize": "report",
+    "Comparison": "runner", "compare": "runner",
+    "RunContext": "train", "RunResult": "train", "load_data": "train", "train_run": "train",
+}
+
+if TYPE_CHECKING:
+    from .config import DEFAULT_METHODS, ExperimentConfig, build_config, load_toml
+    from .data import Dataset, load_dataset
+    from .errors import ConfigError, DataError, ExperimentError
+    from .methods import Method, build_optimizer, resolve_methods
+    from .models import build_model
+    from .noise import corrupt_labels
+    from .report import Column, register_column, summarize
+    from .runner import Comparison, compare
+    from .train import RunContext, RunResult, load_data, train_run
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})
+
 
 __all__ = [
     "DEFAULT_METHODS",

@@ -18,7 +18,7 @@ from typing import IO, Any
 
 import torch
 
-from .errors import ExperimentError
+from .errors import ExperimentError, write_error
 
 CHECKPOINT_FORMAT = 1
 
@@ -35,9 +35,14 @@ _TEMP_NAME = re.compile(r"\..+\.[a-z0-9_]{8}" + re.escape(_TEMP_SUFFIX))
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], object]) -> None:
+    """Write ``path`` through ``write(file)``, atomically; a file system error
+    (read-only, permission, disk full) is a one-line :class:`WriteError`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_TEMP_SUFFIX)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_TEMP_SUFFIX)
+    except OSError as e:
+        raise write_error(e, path) from None
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -45,11 +50,13 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], obje
             os.fsync(f.fileno())
         os.chmod(tmp, _file_mode())  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(e, OSError):
+            raise write_error(e, path) from None
         raise
 
 
@@ -99,7 +106,11 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     except FileNotFoundError:
         raise
     except Exception as e:
-        raise ExperimentError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
+        # one line, never torch's advice to load with weights_only=False
+        from flatminima.sharpness.cli import describe_load_failure
+
+        raise ExperimentError(f"cannot read checkpoint {path}: {describe_load_failure(e)}; remove it to start the run "
+                              "afresh") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ExperimentError(f"{path} is not a flatminima experiment checkpoint (format {CHECKPOINT_FORMAT})")
     return state

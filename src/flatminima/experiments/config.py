@@ -159,6 +159,10 @@ def parse_hparam_flags(items: list[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
+#: The most seeds a comparison takes: more is a typo, not an experiment.
+MAX_SEEDS = 10_000
+
+
 def parse_seeds(value: Any) -> list[int]:
     if isinstance(value, str):
         parts = [p for p in value.replace(",", " ").split() if p]
@@ -172,8 +176,13 @@ def parse_seeds(value: Any) -> list[int]:
     if isinstance(value, int):
         if value < 1:
             raise ConfigError(f"--seeds (a count) must be >= 1, got {value}")
+        if value > MAX_SEEDS:  # checked before the list is made: 10**11 seeds do not fit in memory
+            raise ConfigError(f"--seeds {value}: at most {MAX_SEEDS} seeds (one run each per method); give a "
+                              "smaller count, or a list of seeds such as 0,5,7")
         return list(range(value))
     if isinstance(value, (list, tuple)) and value and all(isinstance(s, int) and not isinstance(s, bool) for s in value):
+        if len(value) > MAX_SEEDS:
+            raise ConfigError(f"seeds: at most {MAX_SEEDS} seeds (one run each per method), got a list of {len(value)}")
         if len(set(value)) != len(value):
             raise ConfigError(f"seeds must be distinct, got {list(value)}")
         if min(value) < 0:

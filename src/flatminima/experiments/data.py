@@ -362,12 +362,19 @@ def _read_cifar_part(path: Path, label_key: str, classes: int) -> tuple[np.ndarr
         if key not in d:
             raise DataError(f"{path} has no {key!r} entry (found {', '.join(sorted(d)) or 'nothing'})")
     x = np.asarray(d["data"])
-    try:
-        y = np.asarray(d[label_key], dtype=np.int64)
-    except (TypeError, ValueError) as e:
-        raise DataError(f"{path}: labels must be integers ({e})") from None
+    labels = d[label_key]
+    # Read as they are, not cast: numpy would turn "3", b"3" or 3.7 into the label 3 without a word.
+    y = np.asarray(labels) if isinstance(labels, (list, tuple, np.ndarray)) else np.asarray([labels], dtype=object)
+    if y.dtype.kind not in "iu" and y.size:
+        first = y.flat[0].item() if isinstance(y.flat[0], np.generic) else y.flat[0]
+        raise DataError(f"{path}: {label_key!r} must be a list of integer class indices, found {first!r} "
+                        f"({type(first).__name__}); replace the file with the one from the official archive")
+    y = y.astype(np.int64)
     if x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3 * 32 * 32:
         raise DataError(f"{path}: 'data' must be a uint8 array of shape (N, 3072), got {x.dtype} {x.shape}")
+    if x.shape[0] == 0:
+        raise DataError(f"{path} holds no images; a CIFAR batch holds thousands: replace it with the one from the "
+                        "official archive")
     if y.shape != (x.shape[0],):
         raise DataError(f"{path}: {x.shape[0]} images but {y.size} labels")
     if y.size and (y.min() < 0 or y.max() >= classes):

@@ -38,7 +38,7 @@ from typing import Any, ParamSpec, TypeVar, cast
 
 from .checkpoint import remove_stale_temp_files
 from .distributed import broadcast_object, dist_info
-from .errors import ExperimentError
+from .errors import ExperimentError, write_error
 
 LOCK_NAME = ".flatminima.lock"
 _PROC = Path("/proc")
@@ -122,8 +122,8 @@ class RunLock:
                 with os.fdopen(fd, "wb") as f:
                     f.write(content)
                 return cls(path, content)
-        except OSError as e:
-            raise ExperimentError(f"cannot lock the results folder {folder}: {e}") from None
+        except OSError as e:  # --out is a file, read-only, ...
+            raise write_error(e, folder) from None
         raise ExperimentError(f"cannot lock the results folder {folder}: its lock file {path} kept changing "
                               "(other runs are starting there); use another --out")
 
@@ -179,15 +179,15 @@ def locked_out(fn: Callable[P, R]) -> Callable[P, R]:
         if out is None:
             return fn(*args, **kwargs)
         folder = Path(cast("str | os.PathLike[str]", out))  # compare's out=
-        lock, refused = None, None
+        lock, refused, error = None, None, None
         if dist_info().is_main:
             try:
                 lock = RunLock.acquire(folder)
             except ExperimentError as e:
-                refused = str(e)
+                refused, error = str(e), e
         refused = broadcast_object(refused)
         if refused is not None:
-            raise ExperimentError(refused)
+            raise error or ExperimentError(refused)  # rank 0's own error keeps its exit status
         try:
             if lock is not None:
                 removed = remove_stale_temp_files(folder, folder / "runs", folder / "checkpoints")

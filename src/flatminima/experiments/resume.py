@@ -89,3 +89,34 @@ def load_optimizer_and_schedule(opt: torch.optim.Optimizer, sched: torch.optim.l
     lrs = [g["lr"] for g in opt.param_groups]
     if not all(_same(a, b) for a, b in zip(lrs, sched.get_last_lr())):
         raise _refuse(path, f"its learning rates {lrs} are not the schedule's {sched.get_last_lr()} at step {steps}")
+
+
+def restore_model_and_rng(model: torch.nn.Module, scaler: torch.amp.GradScaler | None, state: Mapping[str, Any],
+                          path: str | os.PathLike[str], device: torch.device) -> None:
+    """Load the checkpoint's weights, GradScaler and random number generator
+    states, refusing in one line what does not fit (instead of torch's
+    traceback from deep inside)."""
+    try:
+        model.load_state_dict(state["model"])
+        if scaler is not None:
+            scaler.load_state_dict(state["scaler"])
+    except (KeyError, RuntimeError, ValueError, TypeError, AttributeError) as e:
+        raise _refuse(path, f"its model or GradScaler state does not load ({type(e).__name__}: "
+                            f"{' '.join(str(e).split())})") from None  # torch's text on one line
+    rng = state.get("rng")
+    wanted = {"torch": torch.get_rng_state()}
+    if device.type == "cuda" and isinstance(rng, Mapping) and rng.get("cuda") is not None:
+        wanted["cuda"] = torch.cuda.get_rng_state(device)
+    for name, like in wanted.items():
+        saved = rng.get(name) if isinstance(rng, Mapping) else None
+        if not (isinstance(saved, torch.Tensor) and saved.dtype == torch.uint8 and saved.shape == like.shape):
+            got = (f"a {saved.dtype} tensor of shape {list(saved.shape)}" if isinstance(saved, torch.Tensor)
+                   else repr(saved)[:60])
+            raise _refuse(path, f"its {name} random number generator state is {got}, not the {like.numel()} bytes "
+                                "(a uint8 tensor) torch saves")
+    try:
+        torch.set_rng_state(state["rng"]["torch"])
+        if "cuda" in wanted:
+            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+    except (RuntimeError, ValueError, TypeError) as e:  # the right size, but not a generator's state
+        raise _refuse(path, f"its random number generator state is not valid ({e})") from None

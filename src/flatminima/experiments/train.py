@@ -66,7 +66,7 @@ from .errors import ConfigError, ExperimentError, MethodFailed
 from .methods import Method, build_optimizer, resolve_methods
 from .models import build_model, count_parameters, resolve_model_name
 from .noise import corrupt_labels
-from .resume import check_progress, load_optimizer_and_schedule
+from .resume import check_progress, load_optimizer_and_schedule, restore_model_and_rng
 
 SEED_INIT, SEED_ORDER, SEED_AUGMENT, SEED_DROPOUT = 1, 2, 3, 4
 
@@ -292,10 +292,19 @@ def closure_form(method: Method) -> str:
     return form
 
 
-def model_from_info(info: Mapping[str, Any]) -> nn.Module:
-    """The (untrained) model described by a checkpoint's ``model_info``."""
-    return build_model(info["model"], info["input_shape"], info["num_classes"], dataset=info["dataset"],
-                       width=info["width"], depth=info["depth"], dropout=info["dropout"])
+def model_from_info(info: Mapping[str, Any], device: torch.device | str = "cpu") -> nn.Module:
+    """The (untrained) model described by a checkpoint's ``model_info``, on
+    ``device``; one too large to allocate is a :class:`ConfigError`."""
+    try:
+        return build_model(info["model"], info["input_shape"], info["num_classes"], dataset=info["dataset"],
+                           width=info["width"], depth=info["depth"], dropout=info["dropout"]).to(device)
+    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        # Built from checked settings, a model fails for its size: a tensor too large to allocate
+        # ("can't allocate memory"), or one whose size overflows.
+        shape = ", ".join(f"{k} {info[k]}" for k in ("width", "depth") if info.get(k) is not None)
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"cannot build the model {info['model']}{f' ({shape})' if shape else ''} on {device}, too "
+                          f"large for its memory ({why}); give a smaller --width or --depth") from None
 
 
 def load_data(cfg: ExperimentConfig) -> Dataset:
@@ -345,7 +354,7 @@ def train_run(
         model_info = {"model": resolve_model_name(cfg.model, data.name), "input_shape": list(data.input_shape),
                       "num_classes": data.num_classes, "dataset": data.name, "width": cfg.width,
                       "depth": cfg.depth, "dropout": cfg.dropout}
-        model = model_from_info(model_info).to(device)
+        model = model_from_info(model_info, device)
         net: nn.Module = model
         if info.enabled:
             net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -382,13 +391,8 @@ def train_run(
                 raise ExperimentError(f"checkpoint {checkpoint} belongs to another run or other settings; "
                                       "remove it or resume with the settings it was written with")
             start_epoch, steps = check_progress(state, checkpoint, cfg.epochs, steps_per_epoch)
-            model.load_state_dict(state["model"])
             load_optimizer_and_schedule(opt, sched, state, checkpoint, steps)
-            if scaler is not None:
-                scaler.load_state_dict(state["scaler"])
-            torch.set_rng_state(state["rng"]["torch"])
-            if device.type == "cuda" and state["rng"].get("cuda") is not None:
-                torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+            restore_model_and_rng(model, scaler, state, checkpoint, device)
             result.history = list(state["history"])
 
         if stop_after is not None and start_epoch >= stop_after and start_epoch < cfg.epochs:

@@ -77,6 +77,18 @@ def model_state(ckpt: Mapping[str, Any]) -> Mapping[str, Any] | None:
     return None
 
 
+def describe_load_failure(error: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` failed, in one line. Not torch's
+    own text, which suggests ``weights_only=False``: that would run whatever
+    code the file names."""
+    if isinstance(error, OSError):
+        return f"it cannot be read ({error.strerror or error})"
+    for line in str(error).splitlines():  # the unpickler's own reason: "... unsupported GLOBAL posix.system ..."
+        if "GLOBAL" in line or line.strip().startswith("WeightsUnpickler error:"):
+            return f"it holds objects other than tensors and plain data ({line.strip()})"
+    return f"it is not a file torch.save wrote ({type(error).__name__})"
+
+
 def load_checkpoint(path: str | Path, model_factory: ModelFactory | None, *, device: str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """``(model, checkpoint)``: the checkpoint dict and the model rebuilt by
     ``model_factory(checkpoint)`` with ``checkpoint["model_state"]`` loaded
@@ -84,7 +96,13 @@ def load_checkpoint(path: str | Path, model_factory: ModelFactory | None, *, dev
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {str(path)!r}")
-    ckpt = torch.load(path, map_location=device, weights_only=True)
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch.load fails in many ways on a file that is not a checkpoint
+        raise CheckpointError(f"{str(path)!r} is not a checkpoint this command reads: {describe_load_failure(e)}. Give a "
+                              "file written by torch.save({'model_state': model.state_dict(), ...}) holding tensors, "
+                              "dicts, lists, strings and numbers only (as `flatminima train --keep-checkpoints` "
+                              "writes)") from None
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"checkpoint {str(path)!r} holds a {type(ckpt).__name__}, expected a dict with 'model_state'")
     state = model_state(ckpt)
