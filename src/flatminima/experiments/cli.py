@@ -28,13 +28,19 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import DEFAULT_METHODS, FIELDS, ExperimentConfig, build_config, load_toml, parse_assignment, parse_hparam_flags
 from .errors import ConfigError, ExperimentError
 
+if TYPE_CHECKING:
+    from .measure import SolutionLandscape
+    from .runner import Comparison
+
 PROG = "flatminima"
 EXIT_ERROR = 2
+# Top-level modules of the `cli` extra (pyproject.toml): the commands import them when they run.
+CLI_EXTRA = {"numpy", "matplotlib", "rich", "sklearn", "mnist1d", "tomli"}
 EXIT_INTERRUPTED = 130
 
 # Config fields that get hand-made flags (or none) instead of the generic ones.
@@ -112,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Compare sharpness-aware optimizers on real data (tables, JSON/CSV, plots).",
-        epilog="Run `flatminima compare` with no options for the default comparison; see docs/cli.md.",
+        epilog="Run `flatminima compare` with no options for the default comparison; see docs/cli.md. "
+               "The commands need the 'cli' extra: pip install 'flatminima[cli]'.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {flatminima.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -154,17 +161,32 @@ def _add_plugin_subcommands(sub: argparse._SubParsersAction) -> None:
     except Exception as e:  # a broken plug-in must not take the other commands down
         _broken_subcommands(sub, e)
         return
-    from . import measure  # reads this tool's checkpoints for them
-
+    try:
+        from . import measure  # reads this tool's checkpoints for them
+    except ModuleNotFoundError as e:
+        if missing_extra(e) is None:
+            raise
+        _broken_subcommands(sub, e)
+        return
     parsers = add_subcommands(sub, model_factory=measure.model_factory, data_factory=measure.data_factory,
                               loss_factory=measure.loss_factory)
     measure.add_data_dir_flag(parsers.values())
 
 
+def missing_extra(error: BaseException) -> str | None:
+    """The one-line error for a module of the ``cli`` extra that is not
+    installed (None when ``error`` is something else)."""
+    if not isinstance(error, ModuleNotFoundError) or (error.name or "").partition(".")[0] not in CLI_EXTRA:
+        return None
+    return (f"the {PROG} command needs the 'cli' extra, and {error.name} is not installed: "
+            "pip install 'flatminima[cli]'")
+
+
 def _broken_subcommands(sub: argparse._SubParsersAction, error: BaseException) -> None:
     def fail(args: argparse.Namespace) -> int:
-        print(f"{PROG}: error: the {args.command} command could not be loaded: "
-              f"{type(error).__name__}: {error}", file=sys.stderr)
+        why = missing_extra(error) or (f"the {args.command} command could not be loaded: "
+                                       f"{type(error).__name__}: {error}")
+        print(f"{PROG}: error: {why}", file=sys.stderr)
         return EXIT_ERROR
 
     for name in ("sharpness", "landscape"):
@@ -273,7 +295,6 @@ def describe_setup(cfg: ExperimentConfig, data_text: str) -> str:
 def _run(args: argparse.Namespace, command: str) -> int:
     from .distributed import broadcast_object, init_distributed, shutdown
     from .progress import NullReporter, make_reporter
-    from .report import print_table
     from .runner import compare, describe_interrupted
     from .train import load_data
 
@@ -314,28 +335,39 @@ def _run(args: argparse.Namespace, command: str) -> int:
             print(f"stopped after epoch {args.stop_after} (--stop-after); checkpoints are in {out}/checkpoints.\n"
                   f"Continue with: {PROG} {command} --out {out} --resume")
             return 0
-        summary = result.summary()
-        n = len(cfg.seeds)
-        base = result.baseline
-        notes = [f"mean ± std over {n} seeds; accuracies in %" if n > 1 else "one seed; accuracies in %",
-                 "gap = accuracy on the labels trained on - test accuracy"]
-        if any(r.get("memorised") is not None for r in summary):
-            notes.append("memorised = share of the corrupted training labels that the model predicts")
-        if base:
-            notes.append(f"cost = time per step relative to {base}")
-        print()
-        print_table(summary, caption="\n".join(notes))
-        extra = ""
-        if landscape is not None and not args.no_plots:
-            written = landscape.write(result.labels, result.baseline, out / "landscape.png")
-            extra = ", landscape.png" if written is not None else ""
-        print(f"\nresults in {out}/ (results.json, epochs.csv, summary.csv, summary.md"
-              f"{'' if args.no_plots else ', curves.png, final_accuracy.png'}{extra}); total {result.seconds:.0f} s")
+        if result.runs:
+            _print_results(args, cfg, result, out, landscape)
+        else:
+            print(f"\nno method finished; {out}/results.json records why")
         for label, why in result.failures.items():
             print(f"{PROG}: error: {why}", file=sys.stderr)
         return 1 if result.failures else 0
     finally:
         shutdown()
+
+
+def _print_results(args: argparse.Namespace, cfg: ExperimentConfig, result: Comparison, out: Path,
+                   landscape: SolutionLandscape | None) -> None:
+    """The table of the methods that finished, and where the files are."""
+    from .report import print_table
+
+    summary = result.summary()
+    n = len(cfg.seeds)
+    base = result.baseline
+    notes = [f"mean ± std over {n} seeds; accuracies in %" if n > 1 else "one seed; accuracies in %",
+             "gap = accuracy on the labels trained on - test accuracy"]
+    if any(r.get("memorised") is not None for r in summary):
+        notes.append("memorised = share of the corrupted training labels that the model predicts")
+    if base:
+        notes.append(f"cost = time per step relative to {base}")
+    print()
+    print_table(summary, caption="\n".join(notes))
+    extra = ""
+    if landscape is not None and not args.no_plots:
+        written = landscape.write(result.labels, result.baseline, out / "landscape.png")
+        extra = ", landscape.png" if written is not None else ""
+    print(f"\nresults in {out}/ (results.json, epochs.csv, summary.csv, summary.md"
+          f"{'' if args.no_plots else ', curves.png, final_accuracy.png'}{extra}); total {result.seconds:.0f} s")
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -390,6 +422,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(func(args) or 0)
     except ExperimentError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
+        return e.exit_status  # 2: bad input; 1: a run that could not finish (see errors.py)
+    except ModuleNotFoundError as e:  # numpy, mnist1d, ... imported when a command runs
+        why = missing_extra(e)
+        if why is None:
+            raise
+        print(f"{PROG}: error: {why}", file=sys.stderr)
         return EXIT_ERROR
     except BrokenPipeError:  # `flatminima list | head`
         import os

@@ -16,6 +16,7 @@ a particular method: a method added to the registry works at once.
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -28,21 +29,33 @@ from torch.optim import Optimizer
 import flatminima
 
 from .config import ExperimentConfig, parse_value
-from .errors import ConfigError
+from .errors import ConfigError, MethodFailed
 
 # torch optimizers that do not fit a plain minibatch loop
 _EXCLUDED_OPTIMIZERS = {"lbfgs", "sparseadam"}
+# Names that stand for a pair, as the optimizer's documentation recommends:
+# torch.optim.Muon takes only 2-D parameters and is meant for the weights of
+# hidden layers, with AdamW for the rest (see flatminima.muon_adamw).
+_COMPOSITES: dict[str, type[Optimizer]] = {"muon": flatminima.MuonAdamW}
 
 
 @lru_cache(maxsize=1)
 def torch_optimizers() -> dict[str, type[Optimizer]]:
-    """``torch.optim`` optimizer classes by lower-case name."""
+    """``torch.optim`` optimizer classes by lower-case name (``muon``: Muon + AdamW)."""
     out = {}
     for name, obj in vars(torch.optim).items():
         if inspect.isclass(obj) and issubclass(obj, Optimizer) and obj is not Optimizer:
             if name.lower() not in _EXCLUDED_OPTIMIZERS and not name.startswith("_"):
-                out[name.lower()] = obj
+                out[name.lower()] = _COMPOSITES.get(name.lower(), obj)
     return dict(sorted(out.items()))
+
+
+def model_params(cls: type[Optimizer], model: nn.Module) -> Any:
+    """What ``cls`` is built over: the model's parameters, or for Muon + AdamW
+    its groups (the 2-D weights of hidden layers for Muon, the rest for AdamW)."""
+    if issubclass(cls, flatminima.MuonAdamW):
+        return flatminima.muon_param_groups(model)
+    return model.parameters()
 
 
 def optimizer_class(name: str) -> type[Optimizer]:
@@ -58,6 +71,30 @@ def _signature_keys(cls: type[Optimizer]) -> set[str]:
         for n, p in inspect.signature(cls.__init__).parameters.items()
         if n not in ("self", "params") and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
     }
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def check_base_argument(cls: type[Optimizer], key: str, value: Any, where: str) -> None:
+    """Refuse, naming it, a value the optimizer's own checks would misread: a
+    string or a non-finite number where its default is a number (``lr=nan``
+    arrives as the text ``'nan'``; torch then fails comparing it), a bool where
+    it takes a bool, a tuple of the wrong length or kind."""
+    default = inspect.signature(cls.__init__).parameters[key].default
+    if isinstance(default, bool):
+        ok, expected = isinstance(value, bool), "true or false"
+    elif _is_real(default):
+        ok, expected = _is_real(value) and math.isfinite(value), "a finite number"
+    elif isinstance(default, tuple) and default and all(_is_real(d) for d in default):
+        ok = (isinstance(value, (tuple, list)) and len(value) == len(default)
+              and all(_is_real(v) and math.isfinite(v) for v in value))
+        expected = f"{len(default)} finite numbers such as {default}"
+    else:
+        return  # None, strings, ...: the optimizer's own checks name the value
+    if not ok:
+        raise ConfigError(f"{where} {key}={value!r}: {cls.__name__}'s {key} must be {expected}")
 
 
 @dataclass(frozen=True)
@@ -191,6 +228,7 @@ def optimizer_settings(method: Method, cfg: ExperimentConfig) -> tuple[dict[str,
     for k, v in extra.items():
         if k not in keys:
             raise ConfigError(f"--opt-arg {k}: {method.optimizer} has no argument {k!r}; its arguments: {', '.join(sorted(keys))}")
+        check_base_argument(cls, k, v, "--opt-arg")
         base[k] = v
     hp: dict[str, Any] = {}
     known: dict[str, Any] = {}
@@ -203,6 +241,7 @@ def optimizer_settings(method: Method, cfg: ExperimentConfig) -> tuple[dict[str,
         if k in known:
             hp[k] = v
         elif k in keys:
+            check_base_argument(cls, k, v, f"method {method.label!r}:")
             base[k] = v
         else:
             what = f"hyperparameters: {', '.join(known)}; " if known else ""
@@ -223,8 +262,9 @@ def build_optimizer(
     hp, base = optimizer_settings(method, cfg)
     cls = optimizer_class(method.optimizer)
     try:
+        params = model_params(cls, model)
         if method.plain:
-            return cls(model.parameters(), **base)
+            return cls(params, **base)
         spec = flatminima.get_method(method.name)
         if cfg.m_sharpness is not None and spec.cls.pre_pass:
             raise ConfigError(
@@ -233,11 +273,11 @@ def build_optimizer(
             )
         changed = {k: v for k, v in hp.items() if spec.defaults().get(k, object()) != v}
         return flatminima.create(
-            method.name, model.parameters(), cls, model=model if module is None else module,
+            method.name, params, cls, model=model if module is None else module,
             sync_perturbations=cfg.m_sharpness is None, **changed, **base,
         )
-    except (ValueError, TypeError) as e:
-        raise ConfigError(f"method {method.label!r}: {e}") from None
+    except (ValueError, TypeError) as e:  # cannot run on this model: compare goes on without it
+        raise MethodFailed(f"method {method.label!r}: {e}") from None
 
 
 def describe_method(method: Method, cfg: ExperimentConfig) -> dict[str, Any]:

@@ -41,7 +41,7 @@ from .checkpoint import atomic_write_text, write_json
 from .config import ExperimentConfig, build_config, config_differences
 from .data import Dataset
 from .distributed import barrier, dist_info
-from .errors import ConfigError, ExperimentError, MethodFailed
+from .errors import ConfigError, ExperimentError, MethodFailed, write_error
 from .lock import locked_out
 from .methods import Method, describe_method, resolve_methods
 from .progress import NullReporter
@@ -69,8 +69,8 @@ class Comparison:
 
     @property
     def baseline(self) -> str | None:
-        """The first plain optimizer in the comparison: the cost reference."""
-        return next((m.label for m in self.methods if m.plain), None)
+        """The first plain optimizer in the comparison that ran: the cost reference."""
+        return next((m.label for m in self.methods if m.plain and m.label not in self.failures), None)
 
     def summary(self) -> list[dict[str, Any]]:
         return summarize(self.runs, self.labels, self.baseline)
@@ -116,6 +116,35 @@ def read_saved_config(out: Path) -> dict[str, Any] | None:
         return json.loads(path.read_text())["config"]
     except (ValueError, KeyError, OSError) as e:
         raise ExperimentError(f"cannot read {path}: {e}") from None
+
+
+def read_finished_run(path: Path, epochs: int) -> RunResult:
+    """The finished run saved in ``path`` (``runs/*.json``), checked: a damaged
+    or edited file is refused in one line, naming it, instead of failing later."""
+    try:
+        d = json.loads(path.read_text())
+        run = RunResult.from_dict(d)
+    except (ValueError, KeyError, TypeError, AttributeError, OSError) as e:
+        raise ExperimentError(f"--resume: {path} is not a finished run's record ({type(e).__name__}: {e}); "
+                              "delete it to train that run again") from None
+    if not (isinstance(run.completed, bool) and isinstance(run.label, str) and type(run.seed) is int
+            and isinstance(run.history, list) and (len(run.history) == epochs or not run.completed)
+            and all(_is_row(row, i) for i, row in enumerate(run.history, 1))
+            and all(_is_number(v) for v in run.extras.values())):
+        raise ExperimentError(f"--resume: {path} is not a finished run's record of {epochs} epochs (a label, a "
+                              "seed, one row of numbers per epoch); delete it to train that run again")
+    return run
+
+
+def _is_row(row: Any, epoch: int) -> bool:
+    """Whether ``row`` is epoch ``epoch``'s row of results: numbers (None for NaN), with its step count and time."""
+    return (isinstance(row, dict) and row.get("epoch") == epoch
+            and all(isinstance(row.get(k), (int, float)) for k in ("steps", "epoch_seconds"))
+            and all(_is_number(v) for v in row.values()))
+
+
+def _is_number(v: Any) -> bool:
+    return v is None or isinstance(v, (int, float)) and not isinstance(v, bool)  # JSON writes NaN as null
 
 
 def config_for_resume(out: str | os.PathLike[str], overrides: dict[str, Any]) -> ExperimentConfig:
@@ -165,7 +194,10 @@ def compare(
             check_resume_config(saved, cfg, out_path)
         barrier()  # every process has looked before rank 0 writes
         if main:
-            (out_path / "runs").mkdir(parents=True, exist_ok=True)
+            try:
+                (out_path / "runs").mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise write_error(e, out_path / "runs") from None
             write_json(out_path / "config.json", {"config": cfg.to_dict(), "command": list(command or []),
                                                   "flatminima_version": flatminima.__version__})
     if data is None:
@@ -179,7 +211,7 @@ def compare(
             run_file = out_path / "runs" / f"{slug}.json" if out_path else None
             ckpt = out_path / "checkpoints" / f"{slug}.pt" if out_path else None
             if resume and run_file is not None and run_file.is_file():
-                run = RunResult.from_dict(json.loads(run_file.read_text()))
+                run = read_finished_run(run_file, cfg.epochs)
                 if run.completed and run.label == method.label and run.seed == seed:
                     result.runs.append(run)
                     reporter.skip(run)
@@ -245,5 +277,8 @@ def write_outputs(result: Comparison, plots: bool = True) -> list[Path]:
             print(f"flatminima: no plots ({e}); install the extra: pip install 'flatminima[cli]'", file=sys.stderr)
         else:
             title = f"{result.dataset}; noise {result.config.noise:g} ({result.config.noise_type})"
-            written += plot_all(result.runs, result.labels, out, title)
+            try:
+                written += plot_all(result.runs, result.labels, out, title)
+            except OSError as e:  # matplotlib writes the PNGs itself
+                raise write_error(e, out) from None
     return written
