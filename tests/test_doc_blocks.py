@@ -19,6 +19,8 @@ from typing import Any
 
 import pytest
 
+from flatminima import registry
+
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 FENCE = re.compile(r"(?:<!-- doc-test: skip (?P<skip>[^>]*?) -->\s*\n)?^```python\n(?P<code>.*?)^```", re.S | re.M)
@@ -85,6 +87,8 @@ def _blocks(page: Path) -> list[tuple[str, str | None]]:
 @pytest.mark.parametrize("page", [p for p in PAGES if _blocks(p)], ids=lambda p: str(p.relative_to(ROOT)))
 def test_python_blocks_run(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)  # what a block writes stays in the test's folder
+    # a block may register a method (docs/composition.md): the other tests must not see it
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
     namespace: dict[str, Any] = {"__name__": "__doc_block__"}
     exec(compile(SETUP, "<setup>", "exec"), namespace)
     exec(compile(PAGE_SETUP.get(str(page.relative_to(ROOT)), ""), "<page setup>", "exec"), namespace)
