@@ -18,7 +18,11 @@ spawn of two ranks that runs every scenario:
 from __future__ import annotations
 
 import os
+import re
+import subprocess
+import sys
 import traceback
+from pathlib import Path
 from typing import Any, Callable
 
 import pytest
@@ -199,6 +203,29 @@ def _guarded(fn: Callable[..., Any], *args: Any) -> Any:
         return traceback.format_exc()
 
 
+def _zero(rank: int) -> dict[str, Any]:
+    """ZeroRedundancyOptimizer as the base (each rank steps its share of the parameters and
+    broadcasts them) against plain SGD, both under DDP with per-replica eps and with one global eps."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    out = {}
+    for sync in (False, True):
+        runs = []
+        for zero in (True, False):
+            model = _model()
+            ddp = nn.parallel.DistributedDataParallel(model)
+            base: Any = ZeroRedundancyOptimizer if zero else torch.optim.SGD
+            extra = {"optimizer_class": torch.optim.SGD} if zero else {}
+            opt = flatminima.create("sam", model.parameters(), base, rho=0.5, lr=0.2, momentum=0.9, model=ddp,
+                                    sync_perturbations=sync, **extra)
+            for i in range(STEPS):
+                x, y = (t.chunk(WORLD)[rank] for t in _data(i))
+                opt.step(_closure("sam", opt, ddp, x, y))
+            runs.append([p.detach().clone() for p in model.parameters()])
+        out[f"sync={sync}"] = max(float((a - b).abs().max()) for a, b in zip(*runs))
+    return out
+
+
 def _worker(rank: int, init_file: str, out_dir: str, scenarios: list[str]) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
@@ -208,6 +235,8 @@ def _worker(rank: int, init_file: str, out_dir: str, scenarios: list[str]) -> No
             try:
                 if scenario == "refusals":
                     results[scenario] = _refusals(rank)
+                elif scenario == "zero":
+                    results[scenario] = _zero(rank)
                 else:
                     results[scenario] = {
                         name: _guarded(_run, scenario, name, rank)
@@ -224,7 +253,7 @@ def _worker(rank: int, init_file: str, out_dir: str, scenarios: list[str]) -> No
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     tmp = tmp_path_factory.mktemp("fsdp")
-    mp.spawn(_worker, args=(str(tmp / "init"), str(tmp), [*SHARDINGS, "refusals"]), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(str(tmp / "init"), str(tmp), [*SHARDINGS, "refusals", "zero"]), nprocs=WORLD, join=True)
     return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
@@ -255,3 +284,22 @@ def test_fsdp1_without_model_and_chunks_under_fsdp2_are_refused(ranks: list[dict
     out = ranks[0]["refusals"]
     assert "FSDP1 shards" in out["no-model"] and "model=<the FSDP module>" in out["no-model"], out["no-model"]
     assert "chunks=" in out["chunks"] and "one global eps" in out["chunks"], out["chunks"]
+
+
+def test_zero_redundancy_optimizer_as_the_base(ranks: list[dict[str, Any]]) -> None:
+    """Sharding the base optimizer's state (ZeRO-1) changes no value: per-replica and global eps alike."""
+    for r in range(WORLD):
+        assert ranks[r]["zero"] == {"sync=False": 0.0, "sync=True": 0.0}, ranks[r]["zero"]
+
+
+def test_fsdp2_torchrun_example(tmp_path: Path) -> None:
+    """examples/fsdp2_sam.py under ``torchrun --nproc-per-node 2``: it compares its FSDP2 run with the
+    single-process full-batch run of the same method itself."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root / "src"), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(root / "examples" / "fsdp2_sam.py"), "--steps", "5", "--method", "looksam"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    diff = re.search(r"max \|w_fsdp2 - w_full_batch\| = (\S+)", out.stdout)
+    assert diff is not None and float(diff.group(1)) <= 1e-6, out.stdout

@@ -8,8 +8,9 @@ from its own replica's gradient (a kept clean gradient, an EMA) is
 averaged here, as are the gradients of steps without a perturbed pass, and
 every skip decision is taken on all ranks together (or their collectives
 fall out of step). With ``sync_perturbations=True`` DDP averages both
-passes and nothing here runs. Nothing else in the package calls a
-collective.
+passes and nothing here runs. Sharded parameters (FSDP) have one global
+eps, and their reductions live in ``_sharding``; nothing else in the package
+calls a collective.
 """
 
 from __future__ import annotations
