@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import _declare, _options, _stacks, passes as P, _tensorops as T, _validate as V, _views as views
+from . import _declare, _options, _sharding as S, _stacks, passes as P, _tensorops as T, _validate as V, _views as views
 from ._chunks import chunked_step, pre_pass_step
 from ._context import GroupView, StepContext, total
 from ._parts import Always, Ascent, Combine, Descend, Plain, Schedule
@@ -268,7 +268,7 @@ class SharpnessAware(Wrapped):
 
     # ------------------------------------------------------------------ the protocol
     def _replicas(self) -> Replicas:
-        return Replicas(self.model, self.sync_perturbations)
+        return Replicas(self.model, self.sync_perturbations, self._shards)
 
     def _open(self, scaler: Any, group: Any, scaling: ScaledPasses | None = None) -> StepContext:
         """The context of a step (or chunk) from the gradients now in ``.grad``."""
@@ -277,12 +277,12 @@ class SharpnessAware(Wrapped):
         groups = views.collect(self.param_groups, type(self).__name__)  # refuses sparse gradients
         groups = [] if self.pre_pass else groups  # a pre-pass step's v comes from state (_prepare)
         fe = views.use_foreach(self.foreach, groups)
-        ctx = StepContext(groups, fe, [], group=group, data=self._data)
+        ctx = StepContext(groups, fe, [], group=group, data=self._data, shards=self._shards)
         if enabled(scaler):
             ctx.scaling = scaling or ScaledPasses(scaler)  # type: ignore[arg-type]
             if not self.pre_pass:  # nothing to unscale before the one pass
                 ctx.scaling.unscale([p for v in groups for p in v.params])
-        ctx.grad_sq = [T.sum_of_squares(v.grads, fe) for v in groups]
+        ctx.grad_sq = S.squares(ctx, [v.grads for v in groups])
         return ctx
 
     def _finite(self, ctx: StepContext, squares: list[Tensor], every_rank: bool) -> bool:
@@ -292,7 +292,7 @@ class SharpnessAware(Wrapped):
         value = total(squares)
         finite = T.is_finite(value)
         if not finite and len(squares) == len(ctx.groups):
-            squares[:] = [T.sum_of_squares(v.grads, ctx.foreach, torch.float64) for v in ctx.groups]
+            squares[:] = S.squares(ctx, [v.grads for v in ctx.groups], torch.float64)
             value = total(squares)
             finite = T.is_finite(value)
         if every_rank:
@@ -309,7 +309,7 @@ class SharpnessAware(Wrapped):
     def _prepare(self, ctx: StepContext) -> bool:
         """A pre-pass ascent's ``v`` from state, in fresh buffers (False: nothing to perturb)."""
         ok, ctx.foreach = self.ascent[0].prepare(self, ctx), views.use_foreach(self.foreach, ctx.groups)
-        ctx.grad_sq = [T.sum_of_squares(v.grads, ctx.foreach) for v in ctx.groups]
+        ctx.grad_sq = S.squares(ctx, [v.grads for v in ctx.groups])
         return ok
 
     def _perturb(self, ctx: StepContext) -> None:
@@ -320,13 +320,13 @@ class SharpnessAware(Wrapped):
                 v.clean = T.clone(v.grads, fe)
         swap = fe and T.can_swap([p for v in groups for p in v.params], [g for v in groups for g in v.grads])
         scratch = [views.scratch([a.needs_scratch(v) for a in self.ascent], v, swap) for v in groups]
-        ascent_sq = []
+        ascent_sq: list[Any] = []  # per group: v's tensors when a part changed it, else ||g||^2
         for v, s, g_sq in zip(groups, scratch, ctx.grad_sq):
             changed = False
             for part, buffer in zip(self.ascent, s):
                 changed = part.vector(self, ctx, v, buffer) or changed
-            ascent_sq.append(T.sum_of_squares(v.grads, fe) if changed else g_sq)
-        norm = total(ascent_sq).sqrt()
+            ascent_sq.append(v.grads if changed else g_sq)
+        norm = total(S.squares(ctx, ascent_sq)).sqrt()
         for v, s in zip(groups, scratch):
             radius = self.combine.radius(self, ctx, v, v.group["rho"])
             for part, buffer in reversed(list(zip(self.ascent, s))):
@@ -353,7 +353,7 @@ class SharpnessAware(Wrapped):
         """The pass now in the views: unscaled, its norms taken and checked; False: counted as skipped."""
         if ctx.scaling is not None:
             ctx.scaling.unscale([p for v in ctx.groups for p in v.params])
-        squares = [T.sum_of_squares(v.grads, ctx.foreach) for v in ctx.groups]
+        squares = S.squares(ctx, [v.grads for v in ctx.groups])
         ctx.grad_sq, ctx.perturbed_sq = (squares, ctx.perturbed_sq) if clean else (ctx.grad_sq, squares)
         # DDP averaged this pass (every rank has it) unless chunks ran it locally
         if self._finite(ctx, squares, every_rank=ctx.chunked):

@@ -41,6 +41,8 @@ class StepContext:
     #: a step without a perturbed pass: the gradients taken out of ``.grad`` by
     #: first_step() and put back by second_step() (``_views.set_aside``)
     aside: list[tuple[Tensor, Tensor]] | None = None
+    #: the parameters' sharding (``_sharding.Shards``: FSDP1, FSDP2), whose global norms are all-reduced; None: whole tensors
+    shards: Any = None
 
     @property
     def grad_norm(self) -> Tensor:

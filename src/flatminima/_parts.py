@@ -78,6 +78,11 @@ class Part:
     def check_group(self, group: Mapping[str, Any]) -> None:
         """Checks across the options of one group (each option is checked alone already)."""
 
+    def needs_whole_tensors(self, opt: SharpnessAware, group: Mapping[str, Any]) -> str | None:
+        """Why this part needs whole parameter tensors in ``group`` (it refuses FSDP1's flattened
+        shards then: docs/distributed.md), or None."""
+        return None
+
     def post_step(self, opt: SharpnessAware, ctx: StepContext) -> None:
         """After the base step: extra update terms and commits of state."""
 

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import _sharding as S
 from . import _tensorops as T
 from ._context import StepContext, total
 
@@ -71,11 +72,11 @@ def orthogonal_part_(ctx: StepContext, layerwise: bool) -> float | dict[Tensor, 
     ``g_s`` in ``view.grads``; return ``||g_v||`` (per parameter when ``layerwise``)."""
     fe = ctx.foreach
     if not layerwise:
-        inner = total([T.dot(v.clean, v.grads, fe) for v in ctx.groups])  # type: ignore[arg-type]
+        inner = S.inner(ctx, [v.clean for v in ctx.groups], [v.grads for v in ctx.groups])  # type: ignore[misc]
         coef = -_ratio(inner, total(ctx.grad_sq))
         for v in ctx.groups:
             _subtract_(v.clean, [coef] * len(v.grads), v.grads, fe)  # type: ignore[arg-type]
-        gv_sq = total([T.sum_of_squares(v.clean, fe) for v in ctx.groups])  # type: ignore[arg-type]
+        gv_sq = total(S.squares(ctx, [v.clean for v in ctx.groups]))  # type: ignore[misc]
         gv_norm, gs_norm = (math.sqrt(x) for x in host_floats([gv_sq, total(ctx.perturbed_sq or [])]))
         if gv_norm <= _tolerance([t for v in ctx.groups for t in v.params]) * gs_norm:
             for v in ctx.groups:
@@ -85,10 +86,10 @@ def orthogonal_part_(ctx: StepContext, layerwise: bool) -> float | dict[Tensor, 
     norms: dict[Tensor, float] = {}
     for v in ctx.groups:
         clean: list[Tensor] = v.clean  # type: ignore[assignment]
-        inners, g_sqs = T.dots(clean, v.grads, fe), T.dots(clean, clean, fe)
+        inners, g_sqs = S.dots(ctx, [(clean, v.grads), (clean, clean)])
         _subtract_(clean, [-_ratio(i, s) for i, s in zip(inners, g_sqs)], v.grads, fe)
-        gv_norms = [math.sqrt(x) for x in host_floats(T.dots(clean, clean, fe))]
-        gs_norms = [math.sqrt(x) for x in host_floats(T.dots(v.grads, v.grads, fe))]
+        gv_sqs, gs_sqs = S.dots(ctx, [(clean, clean), (v.grads, v.grads)])
+        gv_norms, gs_norms = ([math.sqrt(x) for x in host_floats(sq)] for sq in (gv_sqs, gs_sqs))
         drop = [i for i, (a, b, t) in enumerate(zip(gv_norms, gs_norms, clean)) if a <= _tolerance([t]) * b]
         T.zero_([clean[i] for i in drop], fe)
         for i in drop:
@@ -113,7 +114,7 @@ def add_reuse_(opt: Any, ctx: StepContext, layerwise: bool) -> None:
         grads, gvs = [g for _, g in have], [opt.state[p]["g_v"] for p, _ in have]
         if g_norm is None:
             stored = opt.method_state["g_v_norms"]
-            norms = [math.sqrt(x) for x in host_floats(T.dots(grads, grads, ctx.foreach))]
+            norms = [math.sqrt(x) for x in host_floats(S.dots(ctx, [(grads, grads)])[0])]
             coefs = [alpha * a / (stored[index[id(p)]] + eps0) for a, (p, _) in zip(norms, have)]
             T.add_each_(grads, gvs, coefs, ctx.foreach)
         else:

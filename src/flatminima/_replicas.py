@@ -8,8 +8,9 @@ from its own replica's gradient (a kept clean gradient, an EMA) is
 averaged here, as are the gradients of steps without a perturbed pass, and
 every skip decision is taken on all ranks together (or their collectives
 fall out of step). With ``sync_perturbations=True`` DDP averages both
-passes and nothing here runs. Nothing else in the package calls a
-collective.
+passes and nothing here runs. Sharded parameters (FSDP) have one global
+eps, and their reductions live in ``_sharding``; nothing else in the package
+calls a collective.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from torch import Tensor, nn
 
 from . import _tensorops as T
 from ._context import StepContext
+from ._sharding import Shards, refuse_per_replica
 
 _BUCKET_ELEMENTS = 1 << 24  # 64 MiB of float32: bounds the flat buffer's memory
 
@@ -110,11 +112,13 @@ def step_device(ctx: StepContext) -> torch.device:
 
 class Replicas:
     """The data-parallel side of a step, for ``model`` (any module; only a
-    DDP wrapper makes it do anything)."""
+    DDP wrapper makes it do anything) and parameters sharded as ``shards``
+    (FSDP: one global eps, no per-replica one; ``_sharding``)."""
 
-    def __init__(self, model: nn.Module | None, sync_perturbations: bool) -> None:
+    def __init__(self, model: nn.Module | None, sync_perturbations: bool, shards: Shards | None = None) -> None:
         self.ddp = ddp_module(model)
         self.sync = sync_perturbations
+        self.shards = shards
 
     def per_replica_group(self) -> Any:
         """The process group when ``eps`` is per replica, else None."""
@@ -125,6 +129,7 @@ class Replicas:
     def chunk_group(self, own_eps: bool = True) -> Any:
         """The process group of a chunked step (every pass local), else None;
         ``own_eps``: each chunk has an eps of its own (not with a pre-pass eps)."""
+        refuse_per_replica(self.shards, "chunks=")
         if self.ddp is not None and self.sync and own_eps:
             raise ValueError(
                 "chunks= gives every chunk its own eps, sync_perturbations=True one eps for all replicas: "

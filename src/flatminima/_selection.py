@@ -44,6 +44,7 @@ class SampleSelection:
     method_state: dict[str, Any]
     model: torch.nn.Module | None
     _data: dict[str, Any]
+    _shards: Any
     _masked_step: int | None = None  # the step whose clean pass ran with masked tensors
 
     if TYPE_CHECKING:  # provided by SharpnessAware, which this is mixed into
@@ -77,10 +78,10 @@ class SampleSelection:
 
     def _masked_for_clean_pass(self) -> list[Tensor]:
         mask = self.tensor_mask()
-        if mask is None or not self.skip_inactive_grads or ddp_module(self.model) is not None:
+        if mask is None or not self.skip_inactive_grads or ddp_module(self.model) is not None or self._shards is not None:
             # DDP hooks each parameter's gradient accumulator once; toggling
             # requires_grad replaces it, and DDP then waits forever for that
-            # gradient. Under DDP the masked tensors' clean gradients are
+            # gradient (FSDP hooks them too). Under DDP and FSDP the masked tensors' clean gradients are
             # computed and ignored (eps_j = 0 all the same; no backward saving).
             return []
         params = self._all_params()

@@ -296,8 +296,11 @@ def can_swap(params: TensorList, grads: TensorList) -> bool:
     a larger buffer: RNN weights flattened by ``flatten_parameters()``,
     whose ``.data`` is a slice without being a view), the same strides.
     (``.grad`` has the parameter's dtype, shape and device: autograd's
-    setter enforces it.)"""
+    setter enforces it.) Not FSDP1's shards (``_fsdp_flattened``): FSDP1 all-gathers
+    from the storage it recorded, not from ``.data``."""
     for p, g in zip(params, grads):
+        if getattr(p, "_fsdp_flattened", False):
+            return False
         if type(g) is not Tensor or g.stride() != p.stride() or not (_sole_owner(p) and _sole_owner(g)):
             return False
     return True

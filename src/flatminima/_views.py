@@ -17,6 +17,7 @@ from torch import Tensor
 
 from . import _tensorops as T
 from ._context import GroupView, StepContext, total
+from ._sharding import squares
 
 
 def check_dense(grad: Tensor, owner: str) -> None:
@@ -168,7 +169,13 @@ def refresh(ctx: StepContext, param_groups: list[dict[str, Any]], owner: str) ->
 
 def clip(ctx: StepContext, max_norm: float | None) -> None:
     """Scale the direction in ``.grad`` to a global norm of at most ``max_norm``."""
-    clip_lists([v.grads for v in ctx.groups], max_norm, ctx.foreach)
+    if max_norm is None or ctx.shards is None:
+        clip_lists([v.grads for v in ctx.groups], max_norm, ctx.foreach)
+        return
+    # the global norm of sharded tensors: their shards' squares summed
+    coef = torch.clamp(max_norm / (total(squares(ctx, [v.grads for v in ctx.groups])).sqrt() + 1e-6), max=1.0)
+    for v in ctx.groups:
+        T.mul_(v.grads, coef, ctx.foreach)
 
 
 def clip_lists(lists: list[list[Tensor]], max_norm: float | None, foreach: bool) -> None:

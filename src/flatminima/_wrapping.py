@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from . import _sharding
 from ._options import Option
 
 _FORMAT = 1
@@ -33,6 +34,8 @@ class Wrapped(Optimizer):
     group_options: ClassVar[Mapping[str, Option]] = {}
     #: method-wide options saved by ``state_dict`` and restored on load
     method_options: ClassVar[tuple[str, ...]] = ("max_grad_norm", "sync_perturbations")
+    #: the parameters' sharding (FSDP1, FSDP2; ``_sharding.detect``), None for whole tensors
+    _shards: _sharding.Shards | None = None
 
     def _wrap(
         self,
@@ -80,6 +83,7 @@ class Wrapped(Optimizer):
             self._adopt_instance_groups(params_list)
         self.param_groups = self.base_optimizer.param_groups
         self.defaults = {**self.base_optimizer.defaults, **self._method_defaults}
+        self._shards = _sharding.detect(getattr(self, "model", None), self._all_params())
         for group in self.param_groups:
             self._check_group(group)
         self.counters: dict[str, int] = {"steps": 0, "perturbed_steps": 0, "skipped_steps": 0}
@@ -113,6 +117,7 @@ class Wrapped(Optimizer):
     def _check_group(self, group: Mapping[str, Any]) -> None:
         for key in self._method_defaults:
             self._check_value(key, group[key])
+        _sharding.check_group(self, group)  # under FSDP1: no part that needs whole tensors
 
     def _adopt_instance_groups(self, user_params: list[Any]) -> None:
         """Put our hyperparameters into an existing optimizer's groups."""
@@ -154,6 +159,12 @@ class Wrapped(Optimizer):
             return
         for key, value in self._method_defaults.items():
             param_group.setdefault(key, value)
+        shards = _sharding.detect(getattr(self, "model", None), [*self._all_params(), *_as_list(param_group["params"])])
+        if shards != self._shards:
+            raise ValueError(
+                f"add_param_group: the new parameters are sharded otherwise ({shards and shards.kind}) than the "
+                f"optimizer's ({self._shards and self._shards.kind}); shard the whole model the same way first"
+            )
         self._check_group(param_group)
         self.base_optimizer.add_param_group(param_group)  # appends to the shared list
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -12,6 +13,7 @@ from ._base import SharpnessAware
 from ._context import GroupView, StepContext
 from ._options import Option
 from ._parts import Ascent
+from ._sharding import same_on_every_rank
 from ._selection import SampleSelection, step_seed
 
 __all__ = ["ESAM", "Mask", "step_seed"]
@@ -38,6 +40,10 @@ class Mask(Ascent):
     def init(self, opt: Any) -> None:
         opt.method_state["seed"] = torch.initial_seed() if opt.seed is None else opt.seed
         opt.check_skip_inactive_grads()
+        same_on_every_rank(opt._shards, opt.method_state["seed"])
+
+    def needs_whole_tensors(self, opt: SharpnessAware, group: Mapping[str, Any]) -> str | None:
+        return "its mask draws one coin per parameter tensor"
 
     def radius(self, opt: SharpnessAware, ctx: StepContext, view: GroupView, radius: Any) -> Any:
         return radius / view.group["beta"]

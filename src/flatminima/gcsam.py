@@ -19,6 +19,9 @@ Minimization. arXiv:2501.11584 (docs/algorithms.md#3-gcsam).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from torch import Tensor
 
 from . import _tensorops as T
@@ -30,6 +33,9 @@ from ._parts import Ascent
 class Centralize(Ascent):
     name = "centralize"
     shared = ("centralize",)
+
+    def needs_whole_tensors(self, opt: SharpnessAware, group: Mapping[str, Any]) -> str | None:
+        return "centralize=True takes a mean per output channel of each weight tensor" if group.get("centralize") else None
 
     def vector(self, opt: SharpnessAware, ctx: StepContext, view: GroupView, scratch: list[Tensor]) -> bool:
         if not view.group.get("centralize", False):

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from . import _lr_range as R
-from . import _tensorops as T, _validate as V, _views as views
+from . import _sharding as S, _tensorops as T, _validate as V, _views as views
 from ._base import SharpnessAware
 from ._context import GroupView, StepContext, total
 from ._options import Option
@@ -34,8 +34,8 @@ class SurrogateGap(Combine):
 
     def combine(self, opt: SharpnessAware, ctx: StepContext) -> None:
         active = [v for v in ctx.groups if v.group["alpha"] != 0.0 and v.params]
-        if active:  # inner product and norm over every group; alpha per group
-            inner = total([T.dot(v.clean, v.grads, ctx.foreach) for v in ctx.groups])  # type: ignore[arg-type]
+        if active or ctx.shards is not None:  # over every group (every shard's rank joins); alpha per group
+            inner = S.inner(ctx, [v.clean for v in ctx.groups], [v.grads for v in ctx.groups])  # type: ignore[misc]
             gp_sq = total(ctx.perturbed_sq or [])
         for v in active:
             T.axpby_(v.clean, 1.0, v.grads, -inner / (gp_sq + v.group["norm_eps"]), ctx.foreach)  # type: ignore[arg-type]  # g_perp, in g's buffer

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from . import _validate as V, _views as views
 from ._base import SharpnessAware
 from ._context import StepContext
@@ -20,6 +23,9 @@ class Reuse(Combine):
         "layerwise": Option(False, V.flag, "per-tensor cosines and norms", wide=True),
     }
     needs_clean_grad = True
+
+    def needs_whole_tensors(self, opt: SharpnessAware, group: Mapping[str, Any]) -> str | None:
+        return "layerwise=True takes cosines and norms per parameter tensor" if opt.layerwise else None  # type: ignore[attr-defined]
 
     def combine(self, opt: SharpnessAware, ctx: StepContext) -> None:
         """``d = g_s`` stays in ``.grad``; ``g_v`` is built in ``g``'s buffer, its
