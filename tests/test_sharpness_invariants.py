@@ -108,9 +108,16 @@ def test_core_and_cli_import_without_matplotlib() -> None:
 def test_progress_callback_counts_up_to_total() -> None:
     model, batches = net(), data(1)
     calls: list[tuple[int, int, str]] = []
-    S.hessian_trace(model, batches, max_samples=15, progress=lambda d, t, m: calls.append((d, t, m)))
+    S.hessian_trace(model, batches, method="hutchinson", max_samples=15, progress=lambda d, t, m: calls.append((d, t, m)))
     assert calls and all(t == 15 for _, t, _ in calls)
     assert [d for d, _, _ in calls] == sorted(d for d, _, _ in calls) and calls[-1][0] == 15
+    calls.clear()  # Hutch++: the sketch (10) and tr(Q^T H Q) (10) come first
+    S.hessian_trace(model, batches, max_samples=15, progress=lambda d, t, m: calls.append((d, t, m)))
+    assert calls and all(t == 35 for _, t, _ in calls) and calls[-1][0] == 35
+    assert [d for d, _, _ in calls] == sorted(d for d, _, _ in calls)
+    calls.clear()
+    S.hessian_density(model, batches, iterations=12, runs=2, progress=lambda d, t, m: calls.append((d, t, m)))
+    assert [d for d, _, _ in calls] == list(range(1, 25)) and all(t == 24 for _, t, _ in calls)
     seen: list[int] = []
     S.slice_1d(model, batches, alphas=[0.0, 0.5, 1.0], progress=lambda d, t, m: seen.append(d))
     assert seen == [1, 2, 3]
