@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import pyhessian_ref as ref  # noqa: E402
+from benchmarks import pyhessian_ref as ref
 
 
 def small_gap(n: int = 120) -> list[float]:
