@@ -12,9 +12,12 @@ batch as the measurement set) it reports:
   ``create_graph=True``, second backward), and with the graph of the
   gradient cached (``HessianOperator(cache_graph=True)``, what the measures
   use on a single batch: only the second backward);
-* ``lambda_max`` (power iteration) and ``trace`` (Hutchinson) with their
-  defaults (``tol=1e-3``, at most 100 products; the trace from 10 samples
-  on), wall time, products used and the value.
+* ``lambda_max`` (power iteration, PyHessian's method) and ``trace``
+  (Hutchinson) with their defaults (``tol=1e-3``, at most 100 products; the
+  trace from 10 samples on), wall time, products used and the value;
+* then the comparison with PyHessian of :mod:`benchmarks.measures`
+  (Lanczos, Hutch++ and the spectral density against PyHessian on the same
+  model and batch; results under ``"versus_pyhessian"``).
 
 Product timings are medians of ``reps`` round-robin samples; the two
 measures are timed end to end (median of ``measure_reps`` runs; they are
@@ -42,6 +45,8 @@ from flatminima.sharpness.hessian import HessianOperator
 from flatminima.sharpness.objective import Objective
 
 from . import timing as TM
+from .measures import render as render_measures
+from .measures import run_measures_benchmark
 from .models import Workload, workloads
 from .report import table
 
@@ -90,13 +95,14 @@ def bench_workload(
         return ts, res
 
     progress(f"{wl.name}: lambda_max (max_iter={max_iter}) x {measure_reps}")
-    ts, eig = timed(lambda: S.hessian_eigenvalues(model, batch, max_iter=max_iter))
+    ts, eig = timed(lambda: S.hessian_eigenvalues(model, batch, method="power", max_iter=max_iter))
     out["lambda_max"] = {
         "value": eig.eigenvalues[0], "products": eig.iterations[0], "converged": eig.converged[0],
         "seconds": TM.summarize(ts), "x_fb": statistics.median(ts) / fb,
     }
     progress(f"{wl.name}: trace (max_samples={max_samples}) x {measure_reps}")
-    ts, tr = timed(lambda: S.hessian_trace(model, batch, max_samples=max_samples, min_samples=min(10, max_samples)))
+    ts, tr = timed(lambda: S.hessian_trace(model, batch, method="hutchinson", max_samples=max_samples,
+                                           min_samples=min(10, max_samples)))
     out["trace"] = {
         "value": tr.trace, "stderr": tr.stderr, "products": tr.n_samples, "converged": tr.converged,
         "seconds": TM.summarize(ts), "x_fb": statistics.median(ts) / fb,
@@ -145,6 +151,8 @@ def run_sharpness_benchmark(
             gc.collect()
     finally:
         torch.set_num_threads(old_threads)
+    res["versus_pyhessian"] = run_measures_benchmark(quick=quick, tiny=tiny, device=device, threads=threads,
+                                                     progress=progress)
     if out:
         with open(out, "w") as f:
             json.dump(res, f, indent=1, default=str)
@@ -159,8 +167,8 @@ def render(res: dict[str, Any]) -> str:
     lines = [
         f"Sharpness measures  {meta['date']}  device {meta['device']}, {meta['threads']} threads, torch {meta['torch']}"
         + ("  [QUICK: numbers not meaningful]" if meta["quick"] else ""),
-        f"model in eval mode on its benchmark batch; lambda_max: power iteration tol {meta['tol']:g}, "
-        f"<= {meta['max_iter']} products; trace: Hutchinson tol {meta['tol']:g}, 10..{meta['max_samples']} samples. "
+        f"model in eval mode on its benchmark batch; lambda_max: power iteration (method='power') tol {meta['tol']:g}, "
+        f"<= {meta['max_iter']} products; trace: Hutchinson (method='hutchinson') tol {meta['tol']:g}, 10..{meta['max_samples']} samples. "
         f"Medians of {meta['reps']} (products) / {meta['measure_reps']} (measures) runs.",
         "",
     ]
@@ -184,6 +192,8 @@ def render(res: dict[str, Any]) -> str:
         rows, "lrrrrrrrr",
     ))
     lines.append("* = stopped at the product limit before meeting tol")
+    if "versus_pyhessian" in res:
+        lines += ["", render_measures(res["versus_pyhessian"])]
     return "\n".join(lines)
 
 

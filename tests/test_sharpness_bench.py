@@ -30,3 +30,13 @@ def test_sharpness_benchmark_tiny(tmp_path: Path) -> None:
     assert json.loads(out.read_text())["meta"]["tiny"] is True
     text = bench.render(res)
     assert "lambda_max" in text and "transformer" in text and "mlp" in text
+    versus = res["versus_pyhessian"]
+    if "skipped" in versus:
+        assert "pyhessian" in versus["skipped"] and "skipped" in text
+        return
+    for w in versus["workloads"].values():
+        lm, tr, de = w["lambda_max"], w["trace"], w["density"]
+        assert lm["flatminima"]["rel_error"] <= 1e-3 and lm["pyhessian"]["products"] >= 1
+        assert tr["hutch++"]["met"] and tr["hutch++"]["stderr"] <= tr["pyhessian"]["stderr"]
+        assert de["l1"] < 1e-3 and de["pyhessian"]["products"] == de["flatminima"]["products"] == 20
+    assert "vs PyHessian" in text and "HVPs (ratio)" in text

@@ -86,6 +86,34 @@ def test_landscape_commands_write_pictures(tmp_path: Path, capsys: pytest.Captur
     assert "wrote" in capsys.readouterr().out
 
 
+def test_sharpness_density_writes_the_picture_and_the_quadrature(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("matplotlib")
+    model = _save(tmp_path / "a.pt", 1)
+    out, png = tmp_path / "r.json", tmp_path / "esd.png"
+    rc = _main("sharpness", str(tmp_path / "a.pt"), "--samples", "40", "--batch-size", "16", "--measures",
+               "lambda_max,trace", "--method", "power", "--trace-method", "hutchinson", "--max-samples", "12",
+               "--density", str(png), "--density-iter", "20", "--density-runs", "2", "--json", str(out),
+               "--no-progress")
+    assert rc == 0
+    assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 5000
+    assert f"wrote {png}" in capsys.readouterr().out
+    got = json.loads(out.read_text())
+    batches = data_factory({}, split="train", n_samples=40, batch_size=16, seed=0)
+    sd = S.hessian_density(model, batches, iterations=20, runs=2)
+    assert got["density"]["nodes"] == sd.nodes and got["density"]["weights"] == sd.weights
+    assert got["density"]["n_products"] == 40 and got["density"]["png"] == str(png)
+    row = S.report(model, batches, method="power", trace_method="hutchinson", max_samples=12)
+    assert got["lambda_max"] == row["lambda_max"] and got["trace"] == row["trace"]
+    monkeypatch.chdir(tmp_path)  # without a name: <checkpoint stem>_density.png in the current directory
+    assert _main("sharpness", "a.pt", "--samples", "16", "--measures", "", "--density", "--density-iter", "5",
+                 "--no-progress") == 0
+    assert (tmp_path / "a_density.png").stat().st_size > 5000
+    assert _main("sharpness", "a.pt", "--measures", "", "--density", "--sigma-squared", "0") == 2
+    assert "Invalid sigma_squared value: 0.0" in capsys.readouterr().err
+
+
 def test_add_subcommands_on_a_foreign_parser(tmp_path: Path) -> None:
     _save(tmp_path / "a.pt", 3)
     parser = argparse.ArgumentParser(prog="flatminima")

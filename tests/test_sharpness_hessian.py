@@ -55,7 +55,7 @@ def test_hutchinson_trace_within_two_percent() -> None:
     a = spectrum_matrix([1.0 + i / n for i in range(n)], seed=4)
     w, loss = quadratic(a)
     exact = torch.trace(a).item()
-    res = S.hessian_trace([w], loss, tol=0.0, max_samples=400, seed=0)
+    res = S.hessian_trace([w], loss, method="hutchinson", tol=0.0, max_samples=400, seed=0)
     assert res.n_samples == 400 and not res.converged
     assert abs(res.trace - exact) / exact < 0.02
     assert abs(res.trace - exact) < 4 * res.stderr
@@ -66,11 +66,11 @@ def test_hutchinson_trace_within_two_percent() -> None:
 def test_trace_stopping_rule_and_samples() -> None:
     a = spectrum_matrix([1.0 + i / 30 for i in range(30)], seed=1)
     w, loss = quadratic(a)
-    res = S.hessian_trace([w], loss, min_samples=5, max_samples=500)
+    res = S.hessian_trace([w], loss, method="hutchinson", min_samples=5, max_samples=500)
     assert 5 <= res.n_samples <= 500
     assert res.converged == (res.n_samples < 500)
     assert abs(res.trace - sum(res.samples) / res.n_samples) < 1e-9
-    assert S.hessian_trace([w], loss, min_samples=3, max_samples=3).n_samples == 3
+    assert S.hessian_trace([w], loss, method="hutchinson", min_samples=3, max_samples=3).n_samples == 3
 
 
 def _flat_grad(model: nn.Module, batches: list) -> torch.Tensor:

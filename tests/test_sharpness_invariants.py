@@ -26,7 +26,11 @@ MEASURES: dict[str, Callable[[nn.Module, list], Any]] = {
     "hvp": lambda m, d: S.hvp(m, d, [torch.ones_like(p) for p in m.parameters()]),
     "lambda_max": lambda m, d: S.lambda_max(m, d, max_iter=15),
     "top_k": lambda m, d: S.hessian_eigenvalues(m, d, k=2, max_iter=10, return_eigenvectors=True),
+    "lambda_max_power": lambda m, d: S.lambda_max(m, d, method="power", max_iter=15),
+    "top_k_power": lambda m, d: S.hessian_eigenvalues(m, d, k=2, method="power", max_iter=10, return_eigenvectors=True),
     "trace": lambda m, d: S.hessian_trace(m, d, max_samples=12),
+    "trace_hutchinson": lambda m, d: S.hessian_trace(m, d, method="hutchinson", max_samples=12),
+    "density": lambda m, d: S.hessian_density(m, d, iterations=10, runs=2),
     "gap": lambda m, d: S.one_step_gap(m, d, rho=0.1),
     "m_sharpness": lambda m, d: S.m_sharpness(m, d, m=5, rho=0.1),
     "worst_case": lambda m, d: S.worst_case_sharpness(m, d, 0.2, steps=4, return_deltas=True),
@@ -108,9 +112,16 @@ def test_core_and_cli_import_without_matplotlib() -> None:
 def test_progress_callback_counts_up_to_total() -> None:
     model, batches = net(), data(1)
     calls: list[tuple[int, int, str]] = []
-    S.hessian_trace(model, batches, max_samples=15, progress=lambda d, t, m: calls.append((d, t, m)))
+    S.hessian_trace(model, batches, method="hutchinson", max_samples=15, progress=lambda d, t, m: calls.append((d, t, m)))
     assert calls and all(t == 15 for _, t, _ in calls)
     assert [d for d, _, _ in calls] == sorted(d for d, _, _ in calls) and calls[-1][0] == 15
+    calls.clear()  # Hutch++: the sketch (10) and tr(Q^T H Q) (10) come first
+    S.hessian_trace(model, batches, max_samples=15, progress=lambda d, t, m: calls.append((d, t, m)))
+    assert calls and all(t == 35 for _, t, _ in calls) and calls[-1][0] == 35
+    assert [d for d, _, _ in calls] == sorted(d for d, _, _ in calls)
+    calls.clear()
+    S.hessian_density(model, batches, iterations=12, runs=2, progress=lambda d, t, m: calls.append((d, t, m)))
+    assert [d for d, _, _ in calls] == list(range(1, 25)) and all(t == 24 for _, t, _ in calls)
     seen: list[int] = []
     S.slice_1d(model, batches, alphas=[0.0, 0.5, 1.0], progress=lambda d, t, m: seen.append(d))
     assert seen == [1, 2, 3]

@@ -7,14 +7,17 @@ leaves weights, buffers and ``.grad`` exactly as they were, and is
 deterministic for a given ``seed``.
 
 Curvature (Hessian-vector products, :mod:`.hessian`):
-    :func:`hvp`, :func:`lambda_max`, :func:`hessian_eigenvalues` (top-k,
-    power iteration with deflation), :func:`hessian_trace` (Hutchinson).
+    :func:`hvp`, :func:`lambda_max`, :func:`hessian_eigenvalues` (top-k by
+    Lanczos, or power iteration with deflation), :func:`hessian_trace`
+    (Hutch++, or Hutchinson), :func:`hessian_density` (the eigenvalue
+    spectral density by stochastic Lanczos quadrature).
 Perturbation (:mod:`.worst_case`, :mod:`.average_case`):
     :func:`one_step_gap`, :func:`m_sharpness`, :func:`worst_case_sharpness`
     (adaptive, p in {2, inf}), :func:`average_case_sharpness`.
 Landscapes (:mod:`.landscape`, :mod:`.directions`, :mod:`.plot`):
     :func:`interpolate`, :func:`slice_1d`, :func:`slice_2d`,
-    :func:`random_direction`; PNGs with ``plot.plot_curve`` / ``plot.plot_surface``
+    :func:`random_direction`; PNGs with ``plot.plot_curve`` / ``plot.plot_surface`` /
+    ``plot.plot_density``
     (matplotlib, imported only there).
 The loss itself: :func:`evaluate_loss`. All at once: :func:`report` -> a flat dict (``lambda_max``, ``trace``, ...).
 Command line: :mod:`.cli` (``sharpness`` and ``landscape`` subcommands).
@@ -25,6 +28,7 @@ The formulas are in docs/algorithms.md#sharpness-measures and docs/sharpness.md.
 from typing import Any
 
 from .average_case import AverageCaseResult, average_case_sharpness
+from .density import SpectralDensity, broadened_density, hessian_density
 from .directions import normalize_direction_, random_direction
 from .eigen import EigenResult, hessian_eigenvalues, lambda_max
 from .hessian import HessianOperator, hvp
@@ -43,10 +47,13 @@ __all__ = [
     "HessianOperator",
     "Objective",
     "SharpnessResult",
+    "SpectralDensity",
     "Surface",
     "TraceResult",
     "average_case_sharpness",
+    "broadened_density",
     "evaluate_loss",
+    "hessian_density",
     "hessian_eigenvalues",
     "hessian_trace",
     "hvp",

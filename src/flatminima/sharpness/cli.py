@@ -6,6 +6,7 @@ in :func:`add_subcommands`, which registers on the tool's argparse
 ``subparsers`` object::
 
     flatminima sharpness CHECKPOINT [options]              # lambda_max, trace, ... (table / JSON)
+    flatminima sharpness CHECKPOINT --density [PNG]        # ... and the Hessian spectral density picture
     flatminima landscape CHECKPOINT                         # 1-D (or --2d) filter-normalised slice
     flatminima landscape CHECKPOINT CHECKPOINT2             # interpolation from the first to the second
 
@@ -50,6 +51,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import _checks as check
+from .density import SpectralDensity, hessian_density
 from .landscape import Curve, Surface, interpolate, linspace, slice_1d, slice_2d
 from .objective import Batch, LossFn
 from .summary import MEASURES, report
@@ -176,11 +179,30 @@ def _sharpness_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="checkpoint file (a dict with 'model_state', see the docs)")
     p.add_argument("--measures", default="lambda_max,trace,gap",
                    help=f"comma-separated, from {', '.join(MEASURES)} (default: lambda_max,trace,gap)")
-    p.add_argument("--tol", type=float, default=1e-3, help="power iteration / Hutchinson relative tolerance (PyHessian: 1e-3)")
-    p.add_argument("--max-iter", type=_positive_int, default=100, help="power iteration: products per eigenvalue (default: 100)")
+    p.add_argument("--method", default="lanczos", choices=("lanczos", "power"),
+                   help="top eigenvalues by Lanczos (default) or power iteration (PyHessian's)")
+    p.add_argument("--tol", type=float, default=1e-3,
+                   help="Lanczos: relative residual of each eigenvalue; power iteration / trace: relative change "
+                        "of the estimate (default and PyHessian: 1e-3)")
+    p.add_argument("--max-iter", type=_positive_int, default=100,
+                   help="Lanczos: products in all; power iteration: products per eigenvalue (default: 100)")
     p.add_argument("--top-k", type=_positive_int, default=1, help="number of top eigenvalues (default: 1)")
-    p.add_argument("--min-samples", type=_positive_int, default=10, help="Hutchinson: least samples (default: 10)")
-    p.add_argument("--max-samples", type=_positive_int, default=100, help="Hutchinson: most samples (default: 100)")
+    p.add_argument("--trace-method", default="hutch++", choices=("hutch++", "hutchinson"),
+                   help="trace estimator (default: hutch++)")
+    p.add_argument("--sketch", type=_positive_int, default=10, help="Hutch++: sketch size (default: 10)")
+    p.add_argument("--min-samples", type=_positive_int, default=10, help="trace: least samples (default: 10)")
+    p.add_argument("--max-samples", type=_positive_int, default=100,
+                   help="trace: most samples (Hutch++: after its sketch; default: 100)")
+    d = p.add_argument_group("spectral density (stochastic Lanczos quadrature)")
+    d.add_argument("--density", nargs="?", const="", default=None, metavar="PNG",
+                   help="also draw the Hessian eigenvalue spectral density to PNG "
+                        "(default name: <checkpoint>_density.png)")
+    d.add_argument("--density-iter", type=_positive_int, default=100, help="Lanczos steps per run (PyHessian: 100)")
+    d.add_argument("--density-runs", type=_positive_int, default=1, help="probe vectors averaged (PyHessian: 1)")
+    d.add_argument("--probe", default="rademacher", choices=("rademacher", "gaussian"),
+                   help="probe distribution (default: rademacher)")
+    d.add_argument("--sigma-squared", type=float, default=1e-5,
+                   help="Gaussian broadening: variance per unit of spectrum width (PyHessian: 1e-5)")
     p.add_argument("--rho", type=float, default=0.05, help="radius of gap / m-sharpness / worst / average case (default: 0.05)")
     p.add_argument("--m", type=_positive_int, default=None, help="chunk size of m-sharpness (needed for m_sharpness)")
     p.add_argument("--steps", type=_positive_int, default=10, help="ascent steps of worst_case (default: 10)")
@@ -275,21 +297,55 @@ def sharpness_main(args: argparse.Namespace) -> int:
             "average_case": {"adaptive": args.adaptive, "eta": args.eta, "samples": args.noise_samples},
         }
         row = report(
-            model, data, measures=measures, loss_fn=_loss_fn(args, ckpt), seed=args.seed, tol=args.tol,
-            max_iter=args.max_iter, top_k=args.top_k, min_samples=args.min_samples, max_samples=args.max_samples,
+            model, data, measures=measures, loss_fn=_loss_fn(args, ckpt), seed=args.seed, method=args.method,
+            tol=args.tol, max_iter=args.max_iter, top_k=args.top_k, trace_method=args.trace_method,
+            sketch=args.sketch, min_samples=args.min_samples, max_samples=args.max_samples,
             rho=args.rho, m=args.m, options={k: v for k, v in options.items() if k in measures},
             progress=_progress(args),
         )
+        n = sum(int(y.shape[0]) if isinstance(y, torch.Tensor) and y.dim() else 1 for _, y in data)
+        density = None if args.density is None else _density(args, model, ckpt, data, n)
     except (CheckpointError, ValueError, TypeError) as e:
         return _fail(args, e)
-    n = sum(int(y.shape[0]) if isinstance(y, torch.Tensor) and y.dim() else 1 for _, y in data)
     print(f"{args.checkpoint}: {n} {args.split} samples, seed {args.seed}")
     width = max(len(k) for k in row)
     for k, v in row.items():
         print(f"  {k:<{width}}  {_fmt(v)}")
+    extra: dict[str, Any] = {}
+    if density is not None:
+        sd, out = density
+        print(f"wrote {out}  (spectral density: {sd.runs} x {sd.n_products // sd.runs} Lanczos steps, "
+              f"eigenvalues {min(min(t) for t in sd.nodes):.6g} .. {max(max(t) for t in sd.nodes):.6g})")
+        extra["density"] = {"png": str(out), "sigma_squared": args.sigma_squared, **sd.to_dict()}
     _write_json(args.json, {"checkpoint": str(args.checkpoint), "split": args.split, "samples": n,
-                            "seed": args.seed, "measures": measures, "rho": args.rho, **row})
+                            "seed": args.seed, "measures": measures, "rho": args.rho, **row, **extra})
     return 0
+
+
+def _describe(model: nn.Module, ckpt: Mapping[str, Any], stem: str) -> str:
+    """``model on dataset`` from the experiment tool's ``model_info``, else the
+    model's class and the checkpoint's name."""
+    info = ckpt.get("model_info")
+    info = info if isinstance(info, Mapping) else {}
+    name = info.get("model") or type(model).__name__
+    dataset = info.get("dataset")
+    return f"{name} on {dataset} ({stem})" if dataset else f"{name} ({stem})"
+
+
+def _density(args: argparse.Namespace, model: nn.Module, ckpt: Mapping[str, Any], data: list[Batch],
+             n: int) -> tuple[SpectralDensity, Path]:
+    """``--density``: the SLQ density of ``model`` on ``data``, drawn to a PNG."""
+    from . import plot
+
+    check.positive("sigma_squared", args.sigma_squared)
+    sd = hessian_density(model, data, loss_fn=_loss_fn(args, ckpt), iterations=args.density_iter,
+                         runs=args.density_runs, probe=args.probe, seed=args.seed, progress=_progress(args))
+    stem = Path(args.checkpoint).stem
+    out = Path(args.density or f"{stem}_density.png")
+    title = (f"{_describe(model, ckpt, stem)}\nHessian spectral density, {n} {args.split} samples, "
+             f"SLQ {sd.runs} x {args.density_iter} steps")
+    plot.plot_density(sd, out, title=title, sigma_squared=args.sigma_squared)
+    return sd, out
 
 
 def landscape_main(args: argparse.Namespace) -> int:

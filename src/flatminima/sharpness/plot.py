@@ -1,4 +1,4 @@
-"""PNG pictures of landscapes (matplotlib, imported only when called).
+"""PNG pictures of landscapes and spectral densities (matplotlib, imported only when called).
 
 The figures are drawn on an Agg canvas directly (``matplotlib.figure.Figure``
 with ``FigureCanvasAgg``), without ``pyplot``: no GUI backend is touched and
@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .density import SpectralDensity
 from .landscape import Curve, Surface
 
 
@@ -125,4 +126,34 @@ def plot_surface(
     if title:
         ax.set_title(title)
     ax.set_aspect("equal" if math.isclose(np.ptp(surface.alphas), np.ptp(surface.betas)) else "auto")
+    return _save(fig, path, dpi)
+
+
+def plot_density(
+    density: SpectralDensity,
+    path: str | Path,
+    *,
+    title: str | None = None,
+    num_bins: int = 10000,
+    sigma_squared: float = 1e-5,
+    overhead: float = 0.01,
+    dpi: int = 120,
+) -> Path:
+    """The Hessian eigenvalue spectral density of a
+    :class:`~.density.SpectralDensity`, log-scale density against
+    eigenvalue, as PyHessian's ``get_esd_plot`` draws it (``density + 1e-7``
+    on a log axis, so empty stretches show as a floor instead of a gap),
+    written as a PNG. The broadening arguments are those of
+    :meth:`~.density.SpectralDensity.density`. Returns the path."""
+    if not isinstance(density, SpectralDensity):
+        raise TypeError(f"density must be a SpectralDensity, got {type(density).__name__}")
+    grid, values = density.density(num_bins=num_bins, sigma_squared=sigma_squared, overhead=overhead)
+    fig = _figure((6.4, 4.2))
+    ax = fig.add_subplot()
+    ax.semilogy(grid, [v + 1e-7 for v in values], linewidth=1)
+    ax.set_xlabel("eigenvalue")
+    ax.set_ylabel("density (log scale)")
+    ax.set_xlim(grid[0], grid[-1])
+    ax.set_title(title or "Hessian eigenvalue spectral density", fontsize=10)
+    ax.grid(True, alpha=0.3)
     return _save(fig, path, dpi)

@@ -12,11 +12,11 @@ from typing import Any
 
 from . import _checks as check
 from .average_case import average_case_sharpness
-from .eigen import power_iteration
+from .eigen import check_method, eigenpairs
 from .hessian import HessianOperator
 from .objective import DataLike, LossFn, ModelLike, Objective
 from .progress import ProgressLike
-from .trace import hutchinson
+from .trace import DEFAULT_SKETCH, check_arguments, estimate_trace
 from .worst_case import m_sharpness, one_step_gap, worst_case_sharpness
 
 MEASURES = ("lambda_max", "trace", "gap", "m_sharpness", "worst_case", "average_case")
@@ -30,9 +30,12 @@ def report(
     measures: Iterable[str] = DEFAULT_MEASURES,
     loss_fn: LossFn | None = None,
     seed: int = 0,
+    method: str = "lanczos",
     tol: float = 1e-3,
     max_iter: int = 100,
     top_k: int = 1,
+    trace_method: str = "hutch++",
+    sketch: int = DEFAULT_SKETCH,
     min_samples: int = 10,
     max_samples: int = 100,
     rho: float = 0.05,
@@ -47,9 +50,10 @@ def report(
 
     ========================  =====================================================
     ``lambda_max``            ``lambda_max``, ``lambda_max_iterations``,
-                              ``lambda_max_converged`` (and ``lambda_2`` ...
-                              ``lambda_k`` when ``top_k > 1``)
-    ``trace``                 ``trace``, ``trace_stderr``, ``trace_samples``
+                              ``lambda_max_converged``, ``lambda_max_products``
+                              (and ``lambda_2`` ... ``lambda_k`` when ``top_k > 1``)
+    ``trace``                 ``trace``, ``trace_stderr``, ``trace_samples``,
+                              ``trace_products``
     ``gap``                   ``one_step_gap`` (radius ``rho``)
     ``m_sharpness``           ``m_sharpness`` (chunks of ``m``, radius ``rho``)
     ``worst_case``            ``worst_case_sharpness`` (adaptive, p = 2, radius ``rho``)
@@ -60,8 +64,10 @@ def report(
         model, data, loss_fn: the objective (see :mod:`.objective`).
         measures: names from :data:`MEASURES` (default ``lambda_max``, ``trace``).
         seed: seeds every random draw.
-        tol, max_iter, top_k: power iteration (:func:`~.eigen.hessian_eigenvalues`).
-        tol, min_samples, max_samples: Hutchinson (:func:`~.trace.hessian_trace`).
+        method, tol, max_iter, top_k: the eigenvalues
+            (:func:`~.eigen.hessian_eigenvalues`: Lanczos or power iteration).
+        trace_method, sketch, tol, min_samples, max_samples: the trace
+            (:func:`~.trace.hessian_trace`: Hutch++ or Hutchinson).
         rho: radius of the perturbation measures.
         m: chunk size for ``m_sharpness`` (required for it).
         options: per-measure keyword overrides, e.g.
@@ -83,6 +89,8 @@ def report(
         check.choice("measure", name, MEASURES)
     check.seed(seed)
     check.positive_int("top_k", top_k)
+    check.choice("method", method, ("lanczos", "power"))
+    check.choice("trace_method", trace_method, ("hutch++", "hutchinson"))
     if "m_sharpness" in measures and m is None:
         raise ValueError("Invalid m value: None (the m_sharpness measure needs a chunk size m)")
     options = dict(options or {})
@@ -95,25 +103,27 @@ def report(
     if "lambda_max" in measures or "trace" in measures:
         with objective.measuring(restore_weights=False), HessianOperator(objective, cache_graph) as H:
             if "lambda_max" in measures:
-                kw = {"tol": tol, "max_iter": max_iter, "seed": seed, **options.get("lambda_max", {})}
+                kw = {"method": method, "tol": tol, "max_iter": max_iter, "seed": seed, **options.get("lambda_max", {})}
                 check.non_negative("tol", kw["tol"])
                 check.positive_int("max_iter", kw["max_iter"])
-                values, _, iters, conv = power_iteration(H, top_k, progress=progress, **kw)
-                out["lambda_max"] = values[0]
-                out["lambda_max_iterations"] = iters[0]
-                out["lambda_max_converged"] = conv[0]
-                for i, v in enumerate(values[1:], start=2):
+                check_method(kw["method"], top_k, kw["max_iter"])
+                eig = eigenpairs(H, top_k, progress=progress, **kw)
+                out["lambda_max"] = eig.eigenvalues[0]
+                out["lambda_max_iterations"] = eig.iterations[0]
+                out["lambda_max_converged"] = eig.converged[0]
+                out["lambda_max_products"] = eig.n_products
+                for i, v in enumerate(eig.eigenvalues[1:], start=2):
                     out[f"lambda_{i}"] = v
             if "trace" in measures:
-                kw = {"tol": tol, "min_samples": min_samples, "max_samples": max_samples, "seed": seed,
-                      **options.get("trace", {})}
-                check.non_negative("tol", kw["tol"])
-                check.positive_int("min_samples", kw["min_samples"])
-                check.positive_int("max_samples", kw["max_samples"])
-                t = hutchinson(H, progress=progress, **kw)
+                kw = {"method": trace_method, "sketch": sketch, "tol": tol, "min_samples": min_samples,
+                      "max_samples": max_samples, "seed": seed, **options.get("trace", {})}
+                check_arguments(kw["method"], kw["sketch"], kw["tol"], kw["min_samples"], kw["max_samples"],
+                                kw.get("target_stderr"))
+                t = estimate_trace(H, progress=progress, **kw)
                 out["trace"] = t.trace
                 out["trace_stderr"] = t.stderr
                 out["trace_samples"] = t.n_samples
+                out["trace_products"] = t.n_products
     if "gap" in measures:
         out["one_step_gap"] = one_step_gap(
             model, objective.batches or data, **{"rho": rho, "loss_fn": loss_fn, **options.get("gap", {})}
