@@ -188,9 +188,9 @@ def test_paths_bit_identical_given_the_same_reduction_order(
     """Only the reductions may tell the paths apart: with the norms and dot
     products taken in the same order, every elementwise kernel must give
     the same bits, so the whole run does, in any dtype."""
-    for name in ("sum_of_squares", "dot"):
-        kernel = getattr(T, name)
-        monkeypatch.setattr(T, name, lambda *args, _k=kernel: _k(*args[:-1], False))
+    squares, dot = T.sum_of_squares, T.dot  # the per-tensor order, whatever path the caller asks for
+    monkeypatch.setattr(T, "sum_of_squares", lambda tensors, foreach, *acc: squares(tensors, False, *acc))
+    monkeypatch.setattr(T, "dot", lambda a, b, foreach: dot(a, b, False))
     setup = {
         "dtype": dtype,
         "seed": 3,
