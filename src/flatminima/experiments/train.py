@@ -63,7 +63,7 @@ from .config import RESUME_FREE, ExperimentConfig
 from .data import Dataset, load_dataset
 from .distributed import DistInfo, dist_info, resolve_device
 from .errors import ConfigError, ExperimentError, MethodFailed
-from .methods import Method, build_optimizer, resolve_methods
+from .methods import Method, build_optimizer, optimizer_settings, resolve_methods
 from .models import build_model, count_parameters, resolve_model_name
 from .noise import corrupt_labels
 from .resume import check_progress, load_optimizer_and_schedule, restore_model_and_rng
@@ -376,7 +376,8 @@ def train_run(
         steps_per_epoch -= int(drop_tail)
         warmup = round(cfg.warmup_epochs * steps_per_epoch)
         sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lr_factor(cfg.epochs * steps_per_epoch, warmup, cfg.schedule, cfg.min_lr / cfg.lr)
+            opt, lr_factor(cfg.epochs * steps_per_epoch, warmup, cfg.schedule,
+                           cfg.min_lr / optimizer_settings(method, cfg)[1]["lr"])
         )
         result.info = {"model_info": model_info, "device": str(device), "world_size": info.world_size, "parameters": count_parameters(model),
                        "model": type(model).__name__, "steps_per_epoch": steps_per_epoch,
