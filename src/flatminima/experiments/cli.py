@@ -30,7 +30,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .config import DEFAULT_METHODS, FIELDS, ExperimentConfig, build_config, load_toml, parse_assignment, parse_hparam_flags
+from .config import (DEFAULT_METHODS, FIELDS, ExperimentConfig, build_config, load_toml, noise_text, parse_assignment,
+                     parse_hparam_flags)
 from .errors import ConfigError, ExperimentError
 
 if TYPE_CHECKING:
@@ -286,7 +287,7 @@ def describe_setup(cfg: ExperimentConfig, data_text: str) -> str:
         _, base = optimizer_settings(m, cfg)
         opts.append(f"{name}({', '.join(f'{k}={v}' for k, v in base.items())})")
     opt = ", ".join(opts) + ("; lr: each optimizer's default" if cfg.lr is None else "; lr: --lr")
-    noise = f"{cfg.noise:.0%} {cfg.noise_type} label noise on the training labels" if cfg.noise else "clean labels"
+    noise = noise_text(cfg)
     sched = f"{cfg.schedule} LR" + (f" with {cfg.warmup_epochs:g} warm-up epochs" if cfg.warmup_epochs else "")
     extras = []
     if cfg.augment:
@@ -416,6 +417,11 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- entry point
 def main(argv: Sequence[str] | None = None) -> int:
+    import os
+
+    # This process draws into files only: Agg, unless the user chose a backend.
+    # Set here, not where plots are drawn, so that Python callers keep theirs.
+    os.environ.setdefault("MPLBACKEND", "Agg")
     parser = build_parser()
     args = parser.parse_args(list(argv) if argv is not None else None)
     args._argv = list(argv) if argv is not None else None

@@ -356,6 +356,15 @@ def validate(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {dev!r}")
 
 
+def noise_text(cfg: ExperimentConfig) -> str:
+    """The label noise of ``cfg`` in words, for headers and plot titles.
+
+    >>> noise_text(ExperimentConfig()), noise_text(ExperimentConfig(noise=0.3))
+    ('clean labels', '30% symmetric label noise on the training labels')
+    """
+    return f"{cfg.noise:.0%} {cfg.noise_type} label noise on the training labels" if cfg.noise else "clean labels"
+
+
 def config_differences(saved: Mapping[str, Any], current: ExperimentConfig) -> list[str]:
     """Settings (other than :data:`RESUME_FREE`) in which ``current`` differs from ``saved``."""
     now = current.to_dict()

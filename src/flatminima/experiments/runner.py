@@ -38,7 +38,7 @@ import torch
 import flatminima
 
 from .checkpoint import atomic_write_text, write_json
-from .config import ExperimentConfig, build_config, config_differences
+from .config import ExperimentConfig, build_config, config_differences, noise_text
 from .data import Dataset
 from .distributed import barrier, dist_info
 from .errors import ConfigError, ExperimentError, MethodFailed, write_error
@@ -276,7 +276,7 @@ def write_outputs(result: Comparison, plots: bool = True) -> list[Path]:
         except ImportError as e:  # matplotlib missing
             print(f"flatminima: no plots ({e}); install the extra: pip install 'flatminima[cli]'", file=sys.stderr)
         else:
-            title = f"{result.dataset}; noise {result.config.noise:g} ({result.config.noise_type})"
+            title = f"{result.dataset}; {noise_text(result.config)}"
             try:
                 written += plot_all(result.runs, result.labels, out, title)
             except OSError as e:  # matplotlib writes the PNGs itself

@@ -264,6 +264,11 @@ def _fail(args: argparse.Namespace, e: Exception) -> int:
     return 2
 
 
+def _count(data: Sequence[Batch]) -> int:
+    """The samples in the measurement batches."""
+    return sum(int(y.shape[0]) if isinstance(y, torch.Tensor) and y.dim() else 1 for _, y in data)
+
+
 def sharpness_main(args: argparse.Namespace) -> int:
     """Run ``sharpness CHECKPOINT``: print a table (and ``--json``); return the exit status."""
     try:
@@ -282,7 +287,7 @@ def sharpness_main(args: argparse.Namespace) -> int:
         )
     except (CheckpointError, ValueError, TypeError) as e:
         return _fail(args, e)
-    n = sum(int(y.shape[0]) if isinstance(y, torch.Tensor) and y.dim() else 1 for _, y in data)
+    n = _count(data)
     print(f"{args.checkpoint}: {n} {args.split} samples, seed {args.seed}")
     width = max(len(k) for k in row)
     for k, v in row.items():
@@ -322,12 +327,15 @@ def landscape_main(args: argparse.Namespace) -> int:
                 result = slice_1d(model, data, alphas=linspace(lo, hi, args.points or 41), **kw)
                 kind = "slice1d"
         out = Path(args.out or f"{stem}_{kind}.png")
+        # the loss drawn, named: which split and how many samples (the picture may travel without its command)
+        loss_name = f"{args.split} loss ({_count(data)} {args.split} samples)"
         if isinstance(result, Surface):
-            plot.plot_surface(result, out, log=args.log, title=f"{stem}: 2-D slice ({args.normalization})")
+            plot.plot_surface(result, out, log=args.log, zlabel=loss_name,
+                              title=f"{stem}: 2-D slice ({args.normalization})")
             flat = [v for row in result.losses for v in row]
         else:
             title = f"{stem} -> {Path(args.checkpoint2).stem}" if args.checkpoint2 else f"{stem}: 1-D slice ({args.normalization})"
-            plot.plot_curve(result, out, logy=args.log, title=title)
+            plot.plot_curve(result, out, logy=args.log, title=title, ylabel=loss_name)
             flat = result.losses
     except (CheckpointError, ValueError, TypeError) as e:
         return _fail(args, e)
