@@ -108,6 +108,9 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
                    help="progress display on stderr (default: auto = bars on a terminal, lines otherwise)")
     g.add_argument("--no-plots", action="store_true", help="do not write the PNG plots")
     g.add_argument("--keep-checkpoints", action="store_true", help="keep each run's last checkpoint after it finishes")
+    g.add_argument("--log", choices=("tensorboard",), default=None,
+                   help="also write every epoch's metrics and the figures as TensorBoard runs in --out/tensorboard "
+                        "(needs the 'tensorboard' extra)")
     g.add_argument("--sharpness", type=int, metavar="N", default=None,
                    help="add sharpness columns (lambda_max, trace) measured on N training examples at the end of "
                         "each run, with flatminima.sharpness.report (when that module is installed)")
@@ -321,6 +324,11 @@ def _run(args: argparse.Namespace, command: str) -> int:
             hooks.append(sharpness_hook(args.sharpness))
             landscape = SolutionLandscape(args.sharpness)
             hooks.append(landscape)
+        log = None
+        if args.log == "tensorboard" and info.is_main:  # a missing extra stops the command before any run
+            from .tensorboard_log import TensorBoardLog
+
+            log = TensorBoardLog(out / "tensorboard")
         data = load_data(cfg)
         if info.is_main:
             procs = f" ({info.world_size} processes)" if info.enabled else ""
@@ -330,7 +338,7 @@ def _run(args: argparse.Namespace, command: str) -> int:
         try:
             result = compare(cfg, out=out, resume=args.resume, stop_after=args.stop_after, reporter=reporter,
                              metric_hooks=hooks, plots=not args.no_plots, keep_checkpoints=args.keep_checkpoints,
-                             command=argv, data=data)
+                             command=argv, data=data, callback=log)
         except KeyboardInterrupt:
             reporter.close()
             if info.is_main:
@@ -338,6 +346,8 @@ def _run(args: argparse.Namespace, command: str) -> int:
             return EXIT_INTERRUPTED
         finally:
             reporter.close()  # stops the live display (idempotent)
+            if log is not None:
+                log.close()  # what was written so far stays readable
         if not info.is_main:
             return 0
         if not result.completed:
@@ -346,6 +356,10 @@ def _run(args: argparse.Namespace, command: str) -> int:
             return 0
         if result.runs:
             _print_results(args, cfg, result, out, landscape)
+            if log is not None:
+                with log:
+                    log.add_figures(out / name for name in ("curves.png", "final_accuracy.png", "landscape.png"))
+                print(f"TensorBoard runs in {out}/tensorboard/ (tensorboard --logdir {out}/tensorboard)")
         else:
             print(f"\nno method finished; {out}/results.json records why")
         for label, why in result.failures.items():
