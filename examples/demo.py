@@ -149,6 +149,7 @@ def run(method: str, seed: int, data, args) -> dict:
         test_loss=test_loss,
         train_acc=100 * (train_pred == y_clean).float().mean().item(),
         memorised=100 * (train_pred[corrupted] == y_noisy[corrupted]).float().mean().item(),
+        noisy=bool(corrupted.any()),  # clean labels: nothing to memorise
         gap=fit_acc - test_acc,
         seconds=seconds,
         passes=calls / steps,
@@ -172,7 +173,7 @@ def print_table(results: dict, methods):
         t = statistics.fmean(r["seconds"] for r in rs)
         cost = f"{t / sgd_time:.2f}x" if sgd_time else "-"
         rows.append([m, col("test_acc"), col("test_loss", "{:.3f}"), col("train_acc"),
-                     col("memorised"), col("gap"), f"{statistics.fmean(r['passes'] for r in rs):g}",
+                     col("memorised") if rs[0]["noisy"] else "-", col("gap"), f"{statistics.fmean(r['passes'] for r in rs):g}",
                      f"{t:.1f}", cost])
     widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
     line = lambda r: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)  # noqa: E731
