@@ -15,8 +15,8 @@ from flatminima.experiments.report import print_table
 
 
 def main() -> None:
-    # = flatminima compare --methods sgd sam:rho=0.3 --seeds 2 --epochs 15 --no-plots --out runs/python-example
-    cfg = ExperimentConfig(methods=["sgd", "sam:rho=0.3"], seeds=[0, 1], epochs=15)
+    # = flatminima compare --methods sgd sam:rho=0.3 --seeds 2 --epochs 15 --noise 0.3 (30% noisy labels, asked for)
+    cfg = ExperimentConfig(methods=["sgd", "sam:rho=0.3"], seeds=[0, 1], epochs=15, noise=0.3)
     result = compare(cfg)  # out=None: nothing written
     print_table(result.summary(), caption="mean ± std over 2 seeds; accuracies in %")
 

@@ -20,6 +20,7 @@ from torch import nn
 
 import flatminima
 import helpers
+from fake_cifar import cifar_both_layouts
 from methods_db import DEFAULT_CASES
 
 
@@ -275,37 +276,6 @@ def test_a_crafted_cifar_pickle_is_refused_and_its_code_does_not_run(tmp_path: A
 
 
 # --------------------------------------------------------------------------- CLI and data (items 1, 2, 8, 9, 11, 13)
-def _cifar_both_layouts(root: Any, name: str, per_file: int = 3) -> tuple[Any, Any]:
-    """The same random images and labels written in CIFAR's python layout and
-    in its binary layout (CIFAR-100 records: coarse label, fine label, pixels)."""
-    import pickle
-
-    import numpy as np
-
-    from flatminima.experiments.cifar_binary import LAYOUTS
-    from flatminima.experiments.data import cifar_files
-
-    classes, key = (10, b"labels") if name == "cifar10" else (100, b"fine_labels")
-    binary = LAYOUTS[name]
-    py_dir, bin_dir = root / "py", root / binary.folder
-    py_dir.mkdir()
-    bin_dir.mkdir()
-    rng = np.random.default_rng(0)
-    names = [f"class{i}" for i in range(classes)]
-    py_batches = [f for f in cifar_files(name) if "meta" not in f]
-    for py_name, bin_name in zip(py_batches, [*binary.train, *binary.test]):
-        x = rng.integers(0, 256, (per_file, 3072), dtype=np.uint8)
-        y = rng.integers(0, classes, per_file)
-        (py_dir / py_name).write_bytes(pickle.dumps({b"data": x, key: y.tolist()}))
-        labels = [y[:, None] // 5, y[:, None]] if name == "cifar100" else [y[:, None]]
-        (bin_dir / bin_name).write_bytes(np.concatenate([*labels, x], axis=1).astype(np.uint8).tobytes())
-    meta = "batches.meta" if name == "cifar10" else "meta"
-    names_key = b"label_names" if name == "cifar10" else b"fine_label_names"
-    (py_dir / meta).write_bytes(pickle.dumps({names_key: [n.encode() for n in names]}))
-    (bin_dir / binary.names).write_text("\n".join(names) + "\n\n")
-    return py_dir, bin_dir
-
-
 @pytest.mark.parametrize("name", ["cifar10", "cifar100"])
 def test_cifar_binary_version_loads_the_same_data_without_pickle(tmp_path: Any, name: str,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
@@ -315,7 +285,7 @@ def test_cifar_binary_version_loads_the_same_data_without_pickle(tmp_path: Any, 
     from flatminima.experiments import data as data_mod
     from flatminima.experiments.errors import DataError
 
-    py_dir, bin_dir = _cifar_both_layouts(tmp_path, name)
+    py_dir, bin_dir = cifar_both_layouts(tmp_path, name)
     want = data_mod.load_cifar(name, py_dir)
 
     def no_pickle(*args: Any, **kwargs: Any) -> Any:
@@ -350,8 +320,8 @@ def test_a_checkpoints_data_dir_is_never_read_from_the_checkpoints_folder(tmp_pa
     run_dir, ckpt_dir, elsewhere = tmp_path / "run", tmp_path / "ckpts", tmp_path / "elsewhere"
     for d in (run_dir, ckpt_dir, elsewhere):
         d.mkdir()
-    _, bin_dir = _cifar_both_layouts(run_dir, "cifar10")
-    _, decoy = _cifar_both_layouts(ckpt_dir, "cifar10")
+    _, bin_dir = cifar_both_layouts(run_dir, "cifar10")
+    _, decoy = cifar_both_layouts(ckpt_dir, "cifar10")
     bin_dir.rename(run_dir / "data")
     decoy.rename(ckpt_dir / "data")
     ckpt = ckpt_dir / "run.pt"

@@ -17,6 +17,8 @@ a folder), ``noise`` (label noise), ``augment``, ``models`` (MLP, 1-D ResNet,
 small CNN, WideResNet), ``methods`` (names -> optimizers, from the registry),
 ``train`` (one run, checkpoints, resume), ``runner`` (methods x seeds, the
 results folder), ``report`` (summaries, table, CSV), ``plots``, ``progress``,
+``tensorboard_log`` (``--log tensorboard``; ``compare(cfg, callback=fn)`` gives
+Python callers every step's metrics),
 ``distributed`` (torchrun), ``config`` (settings, TOML), ``cli``.
 """
 

@@ -138,7 +138,9 @@ def mnist1d_args(num_samples: int) -> dict:
 
 
 def _import_mnist1d():
-    os.environ.setdefault("MPLBACKEND", "Agg")  # mnist1d imports matplotlib.pyplot
+    # mnist1d imports matplotlib.pyplot; the backend is left to the caller (pyplot
+    # picks one only when a figure is made, Agg without a display), and the
+    # `flatminima` command sets Agg for its own process (cli.main).
     try:
         from mnist1d import data as mnist1d_data
     except ImportError as e:

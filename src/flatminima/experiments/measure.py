@@ -180,6 +180,7 @@ class SolutionLandscape:
             curves,
             path,
             labels=[f"{base} → {o}" for o in others],
-            title=f"training loss, {base} (a=0) to each method (a=1), seed {ctx.seed}",
-            xlabel="a",
+            title=f"from {base} (a=0) to each method (a=1), seed {ctx.seed}",
+            xlabel="a  (weights (1 - a) w_base + a w_method)",
+            ylabel=f"train loss ({len(y)} train samples)",
         )

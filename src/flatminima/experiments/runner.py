@@ -38,7 +38,7 @@ import torch
 import flatminima
 
 from .checkpoint import atomic_write_text, write_json
-from .config import ExperimentConfig, build_config, config_differences
+from .config import ExperimentConfig, build_config, config_differences, noise_text
 from .data import Dataset
 from .distributed import barrier, dist_info
 from .errors import ConfigError, ExperimentError, MethodFailed, write_error
@@ -46,7 +46,7 @@ from .lock import locked_out
 from .methods import Method, describe_method, resolve_methods
 from .progress import NullReporter
 from .report import epochs_csv, render_markdown, summarize, summary_csv, table
-from .train import MetricHook, RunResult, load_data, train_run
+from .train import Callback, MetricHook, RunResult, load_data, train_run
 
 
 PROG_ERROR = "flatminima: error: "
@@ -98,10 +98,19 @@ def environment(cfg: ExperimentConfig | None = None) -> dict[str, Any]:
             "world_size": info.world_size}
 
 
+def label_slug(label: str) -> str:
+    """A method's label as part of a file name: ``sam:rho=0.3`` -> ``sam_rho_0.3``."""
+    return re.sub(r"[^A-Za-z0-9.]+", "_", label.replace("=", "-")).strip("_") or "method"
+
+
 def run_slug(index: int, label: str, seed: int) -> str:
-    """File-name stem of a run: ``03_sam_rho-0.3_seed1``."""
-    clean = re.sub(r"[^A-Za-z0-9.]+", "_", label.replace("=", "-")).strip("_") or "method"
-    return f"{index:02d}_{clean}_seed{seed}"
+    """File-name stem of a run: ``03_sam_rho_0.3_seed1``."""
+    return f"{index:02d}_{label_slug(label)}_seed{seed}"
+
+
+def _tagged(callback: Callback, run: str) -> Callback:
+    """``callback`` with each event also naming its run (its file-name stem)."""
+    return lambda event: callback({**event, "run": run})
 
 
 def default_out(name: str | None = None, root: str = "runs") -> Path:
@@ -178,8 +187,14 @@ def compare(
     keep_checkpoints: bool = False,
     command: Sequence[str] | None = None,
     data: Dataset | None = None,
+    callback: Callback | None = None,
 ) -> Comparison:
-    """Train every method x seed of ``cfg``; write the results folder when ``out`` is given."""
+    """Train every method x seed of ``cfg``; write the results folder when ``out`` is given.
+
+    ``callback`` gets every run's events as :func:`~.train.train_run` gives
+    them (a dict per step, per epoch and at the end), each with ``run``, the
+    run's file-name stem (``01_sam_seed0``); runs read back by ``resume``
+    give none."""
     t_start = time.perf_counter()
     methods = resolve_methods(cfg)
     reporter = reporter or NullReporter()
@@ -218,7 +233,8 @@ def compare(
                     continue
             try:
                 run = train_run(cfg, method, seed, data=data, checkpoint=ckpt, resume=resume,
-                                stop_after=stop_after, reporter=reporter, metric_hooks=metric_hooks)
+                                stop_after=stop_after, reporter=reporter, metric_hooks=metric_hooks,
+                                callback=None if callback is None else _tagged(callback, slug))
             except MethodFailed as e:
                 if len(methods) == 1:
                     raise
@@ -276,7 +292,7 @@ def write_outputs(result: Comparison, plots: bool = True) -> list[Path]:
         except ImportError as e:  # matplotlib missing
             print(f"flatminima: no plots ({e}); install the extra: pip install 'flatminima[cli]'", file=sys.stderr)
         else:
-            title = f"{result.dataset}; noise {result.config.noise:g} ({result.config.noise_type})"
+            title = f"{result.dataset}; {noise_text(result.config)}"
             try:
                 written += plot_all(result.runs, result.labels, out, title)
             except OSError as e:  # matplotlib writes the PNGs itself

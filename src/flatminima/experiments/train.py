@@ -63,7 +63,7 @@ from .config import RESUME_FREE, ExperimentConfig
 from .data import Dataset, load_dataset
 from .distributed import DistInfo, dist_info, resolve_device
 from .errors import ConfigError, ExperimentError, MethodFailed
-from .methods import Method, build_optimizer, resolve_methods
+from .methods import Method, build_optimizer, optimizer_settings, resolve_methods
 from .models import build_model, count_parameters, resolve_model_name
 from .noise import corrupt_labels
 from .resume import check_progress, load_optimizer_and_schedule, restore_model_and_rng
@@ -131,6 +131,12 @@ class RunContext:
 #: ``hook(model, ctx) -> {"column": value}``: extra final metrics of a run
 #: (e.g. sharpness); each key becomes a column of the compare table.
 MetricHook = Callable[[nn.Module, RunContext], Mapping[str, float]]
+
+#: ``callback(event)``: the metrics of a run as they happen, one dict per
+#: event (see :func:`train_run`): ``{"event": "step", ...}`` after every
+#: optimizer step, ``{"event": "epoch", ...}`` with the epoch's row, and
+#: ``{"event": "end", ...}`` with the final extras. Called in the main process only.
+Callback = Callable[[dict[str, Any]], None]
 
 
 class Reporter(Protocol):
@@ -324,6 +330,7 @@ def train_run(
     stop_after: int | None = None,
     reporter: Reporter | None = None,
     metric_hooks: Sequence[MetricHook] = (),
+    callback: Callback | None = None,
 ) -> RunResult:
     """Train one model; see the module docstring.
 
@@ -338,6 +345,18 @@ def train_run(
             the result has ``completed=False``); resume later.
         reporter: progress callbacks.
         metric_hooks: extra final metrics, computed once training is done.
+        callback: called (in the main process) with a dict per event, each
+            with ``event``, ``label``, ``method`` and ``seed``:
+
+            * ``"step"``, after every optimizer step: ``epoch`` (from 1),
+              ``batch`` (from 1 in the epoch), ``step`` (optimizer steps so
+              far), ``lr`` (the step's learning rate), ``loss`` and ``acc``
+              (the batch's clean pass, against the labels trained on, acc in
+              %), ``passes`` (forward/backward passes of the step; under
+              torchrun the values of the main process's shard);
+            * ``"epoch"``, after every epoch: the row that ``history`` gets;
+            * ``"end"``, once the run is complete: ``epochs`` and ``extras``
+              (the metric hooks' values).
     """
     if isinstance(method, str):
         method = resolve_methods(cfg.replace(methods=[method]))[0]
@@ -376,7 +395,8 @@ def train_run(
         steps_per_epoch -= int(drop_tail)
         warmup = round(cfg.warmup_epochs * steps_per_epoch)
         sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lr_factor(cfg.epochs * steps_per_epoch, warmup, cfg.schedule, cfg.min_lr / cfg.lr)
+            opt, lr_factor(cfg.epochs * steps_per_epoch, warmup, cfg.schedule,
+                           cfg.min_lr / optimizer_settings(method, cfg)[1]["lr"])
         )
         result.info = {"model_info": model_info, "device": str(device), "world_size": info.world_size, "parameters": count_parameters(model),
                        "model": type(model).__name__, "steps_per_epoch": steps_per_epoch,
@@ -400,6 +420,8 @@ def train_run(
         if reporter is not None:
             reporter.run_start(result, steps_per_epoch, start_epoch)
         log_every = max(1, steps_per_epoch // 25)
+        emit = callback if callback is not None and info.is_main else None
+        who = {"label": method.label, "method": method.name, "seed": int(seed)}
         form = closure_form(method)
         # build_optimizer gives a sharpness-aware method a flatminima optimizer
         # (its step takes scaler= and chunks=), a plain one a torch optimizer.
@@ -458,6 +480,8 @@ def train_run(
                     return per_sample_closure(0, indices)
 
                 fn = per_sample_closure if form == "per_sample" else closure
+                if emit is not None:  # the batch's numbers are the step's change of the running sums
+                    before, passes_before, lr_now = stats.tolist(), passes[0], opt.param_groups[0]["lr"]
                 try:
                     if sam_opt is None:
                         _plain_step(opt, closure, scaler)
@@ -472,6 +496,11 @@ def train_run(
                 sched.step()
                 steps += 1
                 seen += len(yb)
+                if emit is not None:
+                    after = stats.tolist()
+                    emit({"event": "step", **who, "epoch": epoch + 1, "batch": b + 1, "step": steps, "lr": lr_now,
+                          "loss": (after[0] - before[0]) / len(yb), "acc": 100.0 * (after[1] - before[1]) / len(yb),
+                          "passes": passes[0] - passes_before})
                 if reporter is not None and ((b + 1) % log_every == 0 or b + 1 == len(batches)):
                     s = stats.tolist()
                     reporter.step(epoch + 1, b + 1, s[0] / seen, 100.0 * s[1] / seen)
@@ -507,6 +536,8 @@ def train_run(
                 })
             if reporter is not None:
                 reporter.epoch_end(row)
+            if emit is not None:
+                emit({"event": "epoch", **who, **row})
             if stop_after is not None and epoch + 1 >= stop_after and epoch + 1 < cfg.epochs:
                 return result  # completed=False: resume from the checkpoint
         result.completed = True
@@ -516,4 +547,6 @@ def train_run(
                 result.extras.update({k: float(v) for k, v in hook(model, ctx).items()})
         if reporter is not None:
             reporter.run_end(result)
+        if emit is not None:
+            emit({"event": "end", **who, "epochs": cfg.epochs, "extras": dict(result.extras)})
     return result

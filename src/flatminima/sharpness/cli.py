@@ -286,6 +286,11 @@ def _fail(args: argparse.Namespace, e: Exception) -> int:
     return 2
 
 
+def _count(data: Sequence[Batch]) -> int:
+    """The samples in the measurement batches."""
+    return sum(int(y.shape[0]) if isinstance(y, torch.Tensor) and y.dim() else 1 for _, y in data)
+
+
 def sharpness_main(args: argparse.Namespace) -> int:
     """Run ``sharpness CHECKPOINT``: print a table (and ``--json``); return the exit status."""
     try:
@@ -303,7 +308,7 @@ def sharpness_main(args: argparse.Namespace) -> int:
             rho=args.rho, m=args.m, options={k: v for k, v in options.items() if k in measures},
             progress=_progress(args),
         )
-        n = sum(int(y.shape[0]) if isinstance(y, torch.Tensor) and y.dim() else 1 for _, y in data)
+        n = _count(data)
         density = None if args.density is None else _density(args, model, ckpt, data, n)
     except (CheckpointError, ValueError, TypeError) as e:
         return _fail(args, e)
@@ -378,12 +383,15 @@ def landscape_main(args: argparse.Namespace) -> int:
                 result = slice_1d(model, data, alphas=linspace(lo, hi, args.points or 41), **kw)
                 kind = "slice1d"
         out = Path(args.out or f"{stem}_{kind}.png")
+        # the loss drawn, named: which split and how many samples (the picture may travel without its command)
+        loss_name = f"{args.split} loss ({_count(data)} {args.split} samples)"
         if isinstance(result, Surface):
-            plot.plot_surface(result, out, log=args.log, title=f"{stem}: 2-D slice ({args.normalization})")
+            plot.plot_surface(result, out, log=args.log, zlabel=loss_name,
+                              title=f"{stem}: 2-D slice ({args.normalization})")
             flat = [v for row in result.losses for v in row]
         else:
             title = f"{stem} -> {Path(args.checkpoint2).stem}" if args.checkpoint2 else f"{stem}: 1-D slice ({args.normalization})"
-            plot.plot_curve(result, out, logy=args.log, title=title)
+            plot.plot_curve(result, out, logy=args.log, title=title, ylabel=loss_name)
             flat = result.losses
     except (CheckpointError, ValueError, TypeError) as e:
         return _fail(args, e)
