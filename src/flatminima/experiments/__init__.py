@@ -17,7 +17,10 @@ a folder), ``noise`` (label noise), ``augment``, ``models`` (MLP, 1-D ResNet,
 small CNN, WideResNet), ``methods`` (names -> optimizers, from the registry),
 ``train`` (one run, checkpoints, resume), ``runner`` (methods x seeds, the
 results folder), ``report`` (summaries, table, CSV), ``plots``, ``progress``,
-``distributed`` (torchrun), ``config`` (settings, TOML), ``cli``.
+``distributed`` (torchrun), ``config`` (settings, TOML), ``cli``; ``study``
+(the results study, ``flatminima study``), ``stats`` (t intervals, paired
+differences), ``study_report``/``study_plots`` (its tables and plots),
+``study_cli``.
 """
 
 from __future__ import annotations
