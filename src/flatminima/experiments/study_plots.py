@@ -2,11 +2,13 @@
 
 * ``accuracy_vs_passes.png``: test accuracy (mean, 95% CI bars) against the
   forward-backward passes of the whole run, one marker per method: what
-  each method buys per unit of compute.
+  each method buys per unit of compute (the markers are spread by 1.5% of
+  x per method, so that methods with the same passes stay visible).
 * ``difference_to_sgd.png``: the paired difference to SGD with its 95% CI,
   one line per method, 0 marked.
 * ``sharpness.png``: test accuracy against ``lambda_max`` at the end of
-  training (log scale): does the flatter solution generalize better?
+  training (log scale where the values span a factor of 10): does the
+  flatter solution generalize better?
 
 Drawn with matplotlib's object API (``matplotlib.figure.Figure``), which
 needs no backend and leaves the caller's pyplot state alone.
@@ -64,10 +66,13 @@ def plot_accuracy_vs_passes(rows: Sequence[StudyRow], preset: Preset, path: Path
         for j, n in enumerate(preset.noises):
             ax = axes[i][j]
             for r in by.get((s.name, n.name), []):
-                color, marker = _style(preset.methods.index(r.method))
+                k = preset.methods.index(r.method)
+                color, marker = _style(k)
                 err = r.test_acc.half if math.isfinite(r.test_acc.half) else 0.0
-                h = ax.errorbar(r.total_passes / 1000.0, r.test_acc.mean, yerr=err, fmt=marker, color=color,
-                                ms=6, capsize=3, lw=1)
+                # spread by 1.5% per method: SAM, ASAM, WSAM and GSAM share their passes and would hide each other
+                dodge = 1.0 + 0.015 * (k - (len(preset.methods) - 1) / 2)
+                h = ax.errorbar(r.total_passes / 1000.0 * dodge, r.test_acc.mean, yerr=err, fmt=marker,
+                                color=color, ms=6, capsize=3, lw=1)
                 handles.setdefault(r.method, h)
             if i == len(preset.setups) - 1:
                 ax.set_xlabel("total passes (thousands)", fontsize=8)
@@ -109,15 +114,22 @@ def plot_sharpness(rows: Sequence[StudyRow], preset: Preset, path: Path) -> Path
     for i, s in enumerate(preset.setups):
         for j, n in enumerate(preset.noises):
             ax = axes[i][j]
-            for r in by.get((s.name, n.name), []):
-                if r.lambda_max is None or r.lambda_max <= 0:
-                    continue
+            mine = [r for r in by.get((s.name, n.name), []) if r.lambda_max is not None]
+            for r in mine:
                 color, marker = _style(preset.methods.index(r.method))
                 h = ax.plot([r.lambda_max], [r.test_acc.mean], marker=marker, color=color, ms=6, ls="none")[0]
                 handles.setdefault(r.method, h)
-            ax.set_xscale("log")
-            if i == len(preset.setups) - 1:
-                ax.set_xlabel("λ_max (log scale)", fontsize=8)
+            # log scale only where it helps and is defined: positive values spanning a factor of 10 or more
+            # (power iteration returns the eigenvalue of largest magnitude, negative for an untrained model)
+            values = [r.lambda_max for r in mine if r.lambda_max is not None]
+            log = bool(values) and min(values) > 0 and max(values) / min(values) >= 10
+            if log:
+                from matplotlib.ticker import NullFormatter
+
+                ax.set_xscale("log")
+                ax.xaxis.set_minor_formatter(NullFormatter())
+            if i == len(preset.setups) - 1 or log:
+                ax.set_xlabel("λ_max" + (" (log scale)" if log else ""), fontsize=8)
             if j == 0:
                 ax.set_ylabel("test accuracy (%)", fontsize=8)
     return _finish(fig, axes, preset, path, handles)

@@ -184,7 +184,8 @@ def results_markdown(result: StudyResult, rows: Sequence[StudyRow]) -> str:
     cmd = " ".join(result.command) if result.command else f"flatminima study --preset {p.name}"
     n_runs = len(result.runs) + len(result.sweep)
     parts = [f"# Study: preset {p.name}", "",
-             f"`{cmd}`: {n_runs} runs ({len(result.sweep)} in the sweep), {result.seconds / 60:.1f} min.", "",
+             (f"`{cmd}`: {n_runs} runs ({len(result.sweep)} in the sweep); "
+              f"{result.seconds / 60:.1f} min in the last session."), "",
              "## Protocol", "", protocol_text(result), "",
              "## Difference to SGD (test accuracy, points)", "",
              overview_table(rows, cells, p.methods), "", "## Where SAM does not help", ""]
