@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -156,9 +157,11 @@ def test_fast_preset_writes_tables_and_plots_from_its_runs(tmp_path: Path, capsy
     err = capsys.readouterr().err
     assert err.count("[finished earlier]") == len(study["runs"]) + len(study["sweep"])
     assert (out / "summary.csv").read_text() == before
-    # a second study into the same folder is refused, naming the way out
+    # a second study into the same folder is refused, naming the way out; so is resuming another preset
     assert main(["study", "--preset", "fast", "--out", str(out), "--progress", "none"]) == 2
     assert "already holds a study; use --resume" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="holds another preset than 'fast'"):
+        run_study(replace(preset, seeds=(0, 1, 2)), out=out, resume=True)
 
 
 def test_study_refuses_bad_settings(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -18,9 +18,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "study", help="the results study: methods x data sets x noise levels x seeds, tuned radii, CIs",
         description="Sweep each method's radius on a validation split (one seed), then train SGD and every method "
                     "at its kept radius with several seeds on MNIST-1D (MLP and CNN) and digits (CNN), clean and "
-                    "with label noise; write results.md (95%% confidence intervals, paired differences to SGD, "
+                    "with label noise; write results.md (95% confidence intervals, paired differences to SGD, "
                     "passes, lambda_max and trace), sweep.md, summary.csv, study.json and plots. The full preset "
-                    "takes about an hour on 2 cores with --workers 2; see docs/study.md.")
+                    "takes about an hour on 2 quiet cores with --workers 2; see docs/study.md.")
     p.add_argument("--preset", default="full", choices=("full", "fast"),
                    help="full: the study of RESULTS.md; fast: tiny settings that run in seconds (default: full)")
     p.add_argument("--out", metavar="DIR", help="results folder (default: runs/study-<preset>-<timestamp>)")
