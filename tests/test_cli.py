@@ -238,7 +238,7 @@ dampening = 0.0
 @pytest.mark.parametrize(("argv", "words"), [
     (["compare", "--methods", "sgd", "samm"], ["unknown method 'samm'", "asam", "sgd"]),
     (["compare", "--noise", "1.5"], ["--noise", "[0, 1)", "1.5"]),
-    (["compare", "--noise", "0.6", "--noise-type", "asymmetric"], ["0.5"]),
+    (["compare", "--noise", "0.6", "--noise-type", "pairflip"], ["0.5"]),
     (["train", "--dataset", "cifar10", "--data-dir", "/nonexistent/cifar"], ["/nonexistent/cifar", "does not exist", "data_batch_1"]),
     (["train", "--dataset", "cifar100", "--data-dir", "/nonexistent/c100"], ["/nonexistent/c100", "train, test, meta"]),
     (["compare", "-H", "sam.rhoo=0.1"], ["rhoo", "rho"]),

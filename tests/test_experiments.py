@@ -73,9 +73,9 @@ def test_symmetric_noise_rate_is_exact(rate: float) -> None:
         assert not torch.equal(other, noisy)
 
 
-def test_asymmetric_noise_flips_each_class_to_the_next() -> None:
+def test_pairflip_noise_flips_each_class_to_the_next() -> None:
     y = torch.tensor([c for c in range(5) for _ in range(10 + c)])  # classes of 10..14 examples
-    noisy, mask = corrupt_labels(y, 0.4, "asymmetric", 5, seed=0)
+    noisy, mask = corrupt_labels(y, 0.4, "pairflip", 5, seed=0)
     for c in range(5):
         members = y == c
         assert int(mask[members].sum()) == round(0.4 * int(members.sum()))
@@ -83,9 +83,44 @@ def test_asymmetric_noise_flips_each_class_to_the_next() -> None:
         assert torch.all(noisy[members & ~mask] == c)
 
 
+@pytest.mark.parametrize(("dataset", "mapping"), [
+    ("digits", {2: 7, 3: 8, 5: 6, 6: 5, 7: 1}),
+    ("mnist1d", {1: 4, 4: 1, 9: 4, 2: 5, 5: 1}),
+    ("cifar10", {9: 1, 2: 0, 4: 7, 3: 5, 5: 3}),
+])
+def test_asymmetric_noise_flips_to_the_documented_similar_class(dataset: str, mapping: dict[int, int]) -> None:
+    y = torch.tensor([c for c in range(10) for _ in range(20 + c)])  # classes of 20..29 examples
+    noisy, mask = corrupt_labels(y, 0.4, "asymmetric", 10, seed=1, dataset=dataset)
+    for c in range(10):
+        members = y == c
+        if c in mapping:  # round(0.4 N_c) of the class go to its similar class, the rest stay
+            assert int(mask[members].sum()) == round(0.4 * int(members.sum()))
+            assert torch.all(noisy[members & mask] == mapping[c])
+        else:  # classes without a similar class stay clean
+            assert not bool(mask[members].any())
+        assert torch.all(noisy[members & ~mask] == c)
+
+
+def test_asymmetric_noise_needs_a_data_set_with_a_mapping(data_dir: str) -> None:
+    with pytest.raises(ConfigError, match="pass dataset=.*pairflip"):
+        corrupt_labels(torch.arange(10), 0.2, "asymmetric", 10)
+    with pytest.raises(ConfigError, match="'cifar100' has no class-to-similar-class mapping.*pairflip"):
+        corrupt_labels(torch.arange(100), 0.2, "asymmetric", 100, dataset="cifar100")
+    with pytest.raises(ConfigError, match="'cifar100' has no class-to-similar-class mapping"):
+        build_config(dict(dataset="cifar100", noise=0.2, noise_type="asymmetric"))
+    with pytest.raises(ConfigError, match="maps classes up to 8, but the labels have 5 classes"):
+        corrupt_labels(torch.arange(5), 0.2, "asymmetric", 5, dataset="digits")
+    # through a run: the data set's own mapping
+    cfg = tiny(data_dir, noise=0.4, noise_type="asymmetric")
+    data = load_dataset("mnist1d", data_dir, num_samples=300)
+    noisy, mask = noisy_labels(data, cfg, seed=0)
+    assert bool(mask.any()) and set(data.y_train[mask].tolist()) <= {1, 4, 9, 2, 5}
+    assert all({1: 4, 4: 1, 9: 4, 2: 5, 5: 1}[c] == n for c, n in zip(data.y_train[mask].tolist(), noisy[mask].tolist()))
+
+
 @pytest.mark.parametrize(("rate", "kind", "words"), [
     (1.0, "symmetric", "[0, 1)"), (-0.1, "symmetric", "[0, 1)"), (1.5, "symmetric", "1.5"),
-    ("0.3", "symmetric", "'0.3'"), (0.6, "asymmetric", "0.5"), (0.2, "pairwise", "noise-type"),
+    ("0.3", "symmetric", "'0.3'"), (0.6, "pairflip", "0.5"), (0.2, "pairwise", "noise-type"),
 ])
 def test_bad_noise_settings(rate, kind, words: str) -> None:
     with pytest.raises(ConfigError, match="noise") as e:
@@ -225,6 +260,14 @@ def test_models_and_wrn_sizes() -> None:
         build_model("wrn", (3, 32, 32), 10, depth=15)
     with pytest.raises(ConfigError, match="needs images"):
         build_model("cnn", (40,), 10)
+    # the MNIST-1D paper's CNN: 3 strided convolutions of 25 channels, 25 x 5 features for 40 samples
+    cnn1d = build_model("cnn1d", (40,), 10)
+    assert count_parameters(cnn1d) == (25 * 5 + 25) + 2 * (25 * 25 * 3 + 25) + (125 * 10 + 10)
+    assert cnn1d(torch.zeros(3, 40)).shape == (3, 10)
+    with pytest.raises(ConfigError, match="cnn1d needs 1-D signals.*\\(8, 8\\)"):
+        build_model("cnn1d", (8, 8), 10)
+    with pytest.raises(ConfigError, match="cnn1d needs 1-D signals; dataset digits"):
+        build_config(dict(dataset="digits", model="cnn1d"))
     with pytest.raises(ConfigError, match="unknown model"):
         build_model("vit", (40,), 10)
     assert build_model("auto", (40,), 10, dataset="mnist1d")(torch.zeros(2, 40)).shape == (2, 10)

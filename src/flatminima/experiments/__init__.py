@@ -19,7 +19,10 @@ small CNN, WideResNet), ``methods`` (names -> optimizers, from the registry),
 results folder), ``report`` (summaries, table, CSV), ``plots``, ``progress``,
 ``tensorboard_log`` (``--log tensorboard``; ``compare(cfg, callback=fn)`` gives
 Python callers every step's metrics),
-``distributed`` (torchrun), ``config`` (settings, TOML), ``cli``.
+``distributed`` (torchrun), ``config`` (settings, TOML), ``cli``; ``study``
+(the results study, ``flatminima study``), ``stats`` (t intervals, paired
+differences), ``study_report``/``study_plots`` (its tables and plots),
+``study_cli``.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
     flatminima compare [options]   several methods x seeds on one set-up: table, JSON/CSV, plots
     flatminima train [options]     one method, one seed
     flatminima list                the registered methods and their defaults
+    flatminima study [options]     the results study: tuned radii, seeds, CIs (see study_cli.py)
 
 With no options ``compare`` runs the default comparison (sgd, SAM, ASAM,
 WSAM on MNIST-1D, clean labels, 3 seeds; about two minutes on two CPU
@@ -149,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_list)
 
+    from .study_cli import add_parser as add_study
+
+    add_study(sub)
     _add_plugin_subcommands(sub)
     return parser
 

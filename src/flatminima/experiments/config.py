@@ -66,11 +66,11 @@ class ExperimentConfig:
     test_size: int | None = _f(None, "optional_int", "use only the first N test examples")
     noise: float = _f(0.0, "float", "share of training labels replaced by a wrong class, in [0, 1); test labels stay "
                       "clean. 0 (clean labels) unless asked for: the label-noise demo asks for 0.3")
-    noise_type: str = _f("symmetric", "str", "symmetric (a uniformly drawn wrong class) or asymmetric (class c -> c+1)")
+    noise_type: str = _f("symmetric", "str", "symmetric (a uniformly drawn wrong class), asymmetric (each of some classes to a similar one, a documented mapping per data set: mnist1d, digits, cifar10) or pairflip (class c -> c+1)")
     augment: bool = _f(False, "bool", "augment training batches: random shift (1-D), crop (+flip for CIFAR)")
     # ---- model
-    model: str = _f("auto", "str", "mlp, resnet1d, cnn, wrn, or auto (mlp for mnist1d, cnn for digits, wrn for CIFAR)")
-    width: int | None = _f(None, "optional_int", "model width: MLP hidden units (256), resnet1d/cnn channels (32), WRN widen factor (4)")
+    model: str = _f("auto", "str", "mlp, resnet1d, cnn1d, cnn, wrn, or auto (mlp for mnist1d, cnn for digits, wrn for CIFAR)")
+    width: int | None = _f(None, "optional_int", "model width: MLP hidden units (256), resnet1d/cnn channels (32), cnn1d channels (25), WRN widen factor (4)")
     depth: int | None = _f(None, "optional_int", "model depth: MLP hidden layers (2), resnet1d blocks per stage (1), WRN depth (16)")
     dropout: float = _f(0.0, "float", "dropout inside the WRN blocks")
     # ---- methods and optimizer
@@ -311,11 +311,11 @@ def validate(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"unknown dataset {cfg.dataset!r}; choose from {', '.join(DATASETS)}")
     if cfg.model not in MODELS:
         raise ConfigError(f"unknown model {cfg.model!r}; choose from {', '.join(MODELS)}")
-    check_noise(cfg.noise, cfg.noise_type)
+    check_noise(cfg.noise, cfg.noise_type, cfg.dataset)
     if cfg.dataset == "mnist1d" and cfg.model in ("cnn", "wrn"):
-        raise ConfigError(f"model {cfg.model} needs images; dataset mnist1d holds 1-D signals (use mlp or resnet1d)")
-    if cfg.dataset != "mnist1d" and cfg.model == "resnet1d":
-        raise ConfigError(f"model resnet1d needs 1-D signals; dataset {cfg.dataset} holds images (use cnn, wrn or mlp)")
+        raise ConfigError(f"model {cfg.model} needs images; dataset mnist1d holds 1-D signals (use mlp, cnn1d or resnet1d)")
+    if cfg.dataset != "mnist1d" and cfg.model in ("resnet1d", "cnn1d"):
+        raise ConfigError(f"model {cfg.model} needs 1-D signals; dataset {cfg.dataset} holds images (use cnn, wrn or mlp)")
     positive = ("num_samples", "epochs", "batch_size", "eval_batch_size")
     for name in positive:
         if getattr(cfg, name) < 1:

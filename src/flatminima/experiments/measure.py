@@ -44,8 +44,10 @@ def _subset(x: Tensor, y: Tensor, n: int, seed: int) -> tuple[Tensor, Tensor]:
     return x[idx.to(x.device)], y[idx.to(y.device)]
 
 
-def sharpness_hook(n: int, measures: Iterable[str] = SHARPNESS_MEASURES, batch_size: int = 1000) -> MetricHook:
-    """Hook measuring ``measures`` on ``n`` training examples (chosen by the run's seed)."""
+def sharpness_hook(n: int, measures: Iterable[str] = SHARPNESS_MEASURES, batch_size: int = 1000,
+                   **options: Any) -> MetricHook:
+    """Hook measuring ``measures`` on ``n`` training examples (chosen by the run's seed);
+    ``options`` go to :func:`flatminima.sharpness.report` (``tol``, ``max_iter``, ``max_samples``, ...)."""
     if n < 1:
         raise ExperimentError(f"--sharpness needs a positive number of examples, got {n}")
     try:
@@ -58,7 +60,7 @@ def sharpness_hook(n: int, measures: Iterable[str] = SHARPNESS_MEASURES, batch_s
         x, y = _subset(ctx.data.x_train, ctx.train_labels, n, ctx.seed)
         x, y = ctx.data.prepare(x.to(ctx.device)), y.to(ctx.device)
         batches = [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(y), batch_size)]
-        row = report(model, batches, measures=measures, loss_fn=ctx.loss_fn, seed=ctx.seed)
+        row = report(model, batches, measures=measures, loss_fn=ctx.loss_fn, seed=ctx.seed, **options)
         return {k: float(row[k]) for k in measures if isinstance(row.get(k), (int, float))}
 
     return hook

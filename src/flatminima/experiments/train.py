@@ -238,7 +238,7 @@ def run_fingerprint(cfg: ExperimentConfig, method: Method, seed: int, info: Dist
 def noisy_labels(data: Dataset, cfg: ExperimentConfig, seed: int) -> tuple[Tensor, Tensor]:
     """The labels trained on and the mask of corrupted ones (the test labels are untouched)."""
     if cfg.noise > 0:
-        return corrupt_labels(data.y_train, cfg.noise, cfg.noise_type, data.num_classes, seed)
+        return corrupt_labels(data.y_train, cfg.noise, cfg.noise_type, data.num_classes, seed, dataset=data.name)
     return data.y_train.clone(), torch.zeros(len(data.y_train), dtype=torch.bool)
 
 
