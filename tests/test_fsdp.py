@@ -345,6 +345,10 @@ def _worker(rank: int, init_file: str, out_dir: str, scenarios: list[str]) -> No
                     results[scenario] = _zero(rank)
                 elif scenario == "dcp":
                     results[scenario] = _dcp(rank, out_dir)
+                elif scenario == "bench":  # benchmarks/distributed.py's per-rank part, tiny
+                    from benchmarks.distributed import run_rank
+
+                    results[scenario] = run_rank(rank, tiny=True, reps=1, warmup=0)
                 else:
                     results[scenario] = {
                         name: _guarded(_run, scenario, name, rank)
@@ -361,7 +365,7 @@ def _worker(rank: int, init_file: str, out_dir: str, scenarios: list[str]) -> No
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     tmp = tmp_path_factory.mktemp("fsdp")
-    mp.spawn(_worker, args=(str(tmp / "init"), str(tmp), [*SHARDINGS, "refusals", "zero", "dcp"]), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(str(tmp / "init"), str(tmp), [*SHARDINGS, "refusals", "zero", "dcp", "bench"]), nprocs=WORLD, join=True)
     return [{**torch.load(tmp / f"rank{r}.pt", weights_only=False), "dir": tmp} for r in range(WORLD)]
 
 
@@ -479,3 +483,24 @@ def test_dcp_refuses_what_it_cannot_save(ranks: list[dict[str, Any]]) -> None:
     out = ranks[0]["dcp"]["refusals"]
     assert "under FSDP1" in out["fsdp1"] and "use FSDP2 (torch.distributed.fsdp.fully_shard)" in out["fsdp1"], out
     assert "ZeroRedundancyOptimizer as the base" in out["zero"] and "consolidate_state_dict(to=0)" in out["zero"], out
+
+
+def test_benchmark_fsdp2_holds_half_of_ddps_bytes(ranks: list[dict[str, Any]]) -> None:
+    """benchmarks/distributed.py, tiny: at the step's peak a DDP rank holds every parameter, its
+    gradient and the w kept aside whole (4 bytes each, plus a scalar kept) and the momentum; an FSDP2
+    rank holds half of each (two ranks, even dimensions)."""
+    from benchmarks.distributed import SETUPS, render, summarize
+
+    for r in range(WORLD):
+        got = ranks[r]["bench"]
+        assert not isinstance(got, str), got
+        whole = 4 * got["params"]
+        for kind in ("ddp/sam", "ddp/sam-sync"):
+            assert got["bytes"][kind] == {"params": whole, "grads": whole, "kept": whole + 4, "base_state": whole}, kind
+        assert got["bytes"]["fsdp2/sam"] == {"params": whole // 2, "grads": whole // 2, "kept": whole // 2 + 4,
+                                             "base_state": whole // 2}
+        assert sorted(got["seconds"]) == sorted(SETUPS) and all(len(v) == 1 for v in got["seconds"].values())
+    res = summarize([ranks[r]["bench"] for r in range(WORLD)])
+    assert abs(res["fsdp2_vs_ddp"]["step_bytes"] - 0.5) < 1e-3
+    res["meta"] = {"reps": 1, "width": 32, "depth": 2, "batch": 8}
+    assert "FSDP2 / DDP (sync, the same step): parameter, gradient and eps bytes x0.500" in render(res)
