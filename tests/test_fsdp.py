@@ -406,15 +406,16 @@ def test_zero_redundancy_optimizer_as_the_base(ranks: list[dict[str, Any]]) -> N
 
 def test_fsdp2_torchrun_example(tmp_path: Path) -> None:
     """examples/fsdp2_sam.py under ``torchrun --nproc-per-node 2``: it compares its FSDP2 run with the
-    single-process full-batch run of the same method itself."""
+    single-process full-batch run of the same method itself, and with the run resumed from its checkpoint."""
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(root / "src"), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           str(root / "examples" / "fsdp2_sam.py"), "--steps", "5", "--method", "looksam"]
+           str(root / "examples" / "fsdp2_sam.py"), "--steps", "5", "--method", "looksam", "--checkpoint", "ckpt"]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert out.returncode == 0, out.stdout + out.stderr
     diff = re.search(r"max \|w_fsdp2 - w_full_batch\| = (\S+)", out.stdout)
     assert diff is not None and float(diff.group(1)) <= 1e-6, out.stdout
+    assert "resumed from ckpt at step 2: bit-identical to the uninterrupted run: True" in out.stdout, out.stdout
 
 
 # ---------------------------------------------------------------------- distributed checkpoints
