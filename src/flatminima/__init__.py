@@ -1,9 +1,9 @@
 """flatminima: sharpness-aware minimization (SAM) and its family for PyTorch."""
 
+from . import distributed as distributed  # DCP checkpoints
 from ._base import GroupView, SharpnessAware, StepContext
 from .ae_sam import AESAM
 from .compose import compose, method_class
-from . import distributed  # noqa: E402  (distributed checkpoints: flatminima.distributed)
 from .esam import ESAM
 from .every_k import SAMEveryK
 from .fisher_sam import FisherSAM
