@@ -17,6 +17,9 @@ SAM (per-replica eps: clean pass under ``no_sync``) and SAM with
 ``sync_perturbations=True``; the same optimizers in one process (one
 thread) give the baseline, measured in the same run. Ratios are DDP step /
 single-process step.
+
+**FSDP2 against DDP.** SAM's step time and the tensor bytes each rank
+holds at the step's peak, on 2 processes (:mod:`benchmarks.distributed`).
 """
 
 from __future__ import annotations
@@ -200,7 +203,10 @@ def run_training_benchmark(*, quick: bool = False, tiny: bool = False, threads: 
     finally:
         torch.set_num_threads(old)
     if ddp:
+        from .distributed import bench_distributed
+
         res["ddp"] = bench_ddp(tiny=tiny, reps=reps, warmup=warmup, progress=progress)
+        res["distributed"] = bench_distributed(tiny=tiny, reps=reps, warmup=warmup, progress=progress)
     if importlib.util.find_spec("transformers") is not None:  # the dev extra has it
         from .hf import bench_hf
 
@@ -242,6 +248,10 @@ def render(res: dict[str, Any]) -> str:
                              f"{w['ddp_vs_single'][k]:.3f}"])
             rows.append([name, "SAM x SGD", f"{w['sam_vs_sgd_single']:.3f}", f"{w['sam_vs_sgd_ddp']:.3f}", ""])
         lines.append(table(["workload", "optimizer", "1 process [ms]", "DDP [ms]", "x single"], rows, "llrrr"))
+    if "distributed" in res:
+        from .distributed import render as render_distributed
+
+        lines += ["", render_distributed(res["distributed"])]
     if "hf" in res:
         from .hf import render as render_hf
 
@@ -255,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="few repetitions (smoke run)")
     p.add_argument("--tiny", action="store_true", help="tiny models (used by the test suite)")
     p.add_argument("--threads", type=int, default=None, help="torch threads for the AMP part (DDP: 1 per process)")
-    p.add_argument("--no-ddp", action="store_true", help="skip the two-process part")
+    p.add_argument("--no-ddp", action="store_true", help="skip the two-process parts (DDP, FSDP2 vs DDP)")
     p.add_argument("--out", default=None, help="also write the results as JSON to this file")
     a = p.parse_args(argv)
     run_training_benchmark(quick=a.quick, tiny=a.tiny, threads=a.threads, out=a.out, print_report=True,

@@ -12,7 +12,11 @@ spawn of two ranks that runs every scenario:
   full-batch run to 1e-6 (float32), and the counters (perturbed, skipped
   steps: the skip decisions) equal that run's on both ranks;
 * under FSDP1 a method that needs whole tensors is refused with its reason
-  and the alternative (FSDP2), and so is a per-shard model= mistake.
+  and the alternative (FSDP2), and so is a per-shard model= mistake;
+* distributed checkpoints (flatminima.distributed with torch.distributed.checkpoint):
+  an FSDP2 (and DDP) run saved after 2 steps and loaded into a fresh model and
+  optimizer continues bit for bit like the uninterrupted run, saving changes
+  nothing, the checkpoint loads in one process, and what cannot be saved is refused.
 """
 
 from __future__ import annotations
@@ -226,6 +230,108 @@ def _zero(rank: int) -> dict[str, Any]:
     return out
 
 
+#: (method, base optimizer, options) saved and resumed under FSDP2: momentum, Adam's step counts, method state
+DCP_CONFIGS: dict[str, tuple[str, Any, dict[str, Any]]] = {
+    "sam": ("sam", torch.optim.SGD, {"rho": 0.5, "momentum": 0.9}),
+    "sam-adam": ("sam", torch.optim.Adam, {"rho": 0.5}),
+    "looksam": ("looksam", torch.optim.SGD, {"rho": 0.5, "k": 2, "momentum": 0.9}),
+    "friendly_sam": ("friendly_sam", torch.optim.SGD, {"rho": 0.5, "momentum": 0.9}),
+    "ae_sam": ("ae_sam", torch.optim.SGD, {"rho": 0.5, "momentum": 0.9}),
+}
+DCP_SAVE_AT = 2
+
+
+def _dcp_run(kind: str, config: tuple[str, Any, dict[str, Any]], rank: int, save: str | None = None,
+             load: str | None = None, **more: Any) -> dict[str, Any]:
+    """5 steps under ``kind`` ("fsdp2" or "ddp"); with ``save``, a checkpoint after DCP_SAVE_AT steps;
+    with ``load``, a fresh model (other weights) and optimizer resumed from it for the remaining steps."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        set_model_state_dict,
+    )
+
+    from flatminima.distributed import (
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    torch.manual_seed(1 if load else 0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    if kind == "fsdp2":
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(model[0])
+        run = fully_shard(model)
+        extra: dict[str, Any] = {}
+    else:
+        run = nn.parallel.DistributedDataParallel(model)
+        extra = {"model": run}
+    method, base, options = config
+    opt = flatminima.create(method, run.parameters(), base, lr=0.2, **options, **extra, **more)
+    out: dict[str, Any] = {}
+    start = 0
+    if load:
+        sd = {"model": get_model_state_dict(run), "optim": get_optimizer_state_dict(run, opt)}
+        dcp.load(sd, checkpoint_id=load)
+        set_model_state_dict(run, sd["model"])
+        set_optimizer_state_dict(run, opt, sd["optim"])
+        start = DCP_SAVE_AT
+    for i in range(start, STEPS):
+        if i == DCP_SAVE_AT and save:
+            sd = {"model": get_model_state_dict(run), "optim": get_optimizer_state_dict(run, opt)}
+            out["saved"] = {section: {fqn: {k: type(v).__name__ for k, v in entry.items()}
+                                      for fqn, entry in sd["optim"][section].items()} for section in ("state", "method")}
+            dcp.save(sd, checkpoint_id=save)
+        x, y = (t.chunk(WORLD)[rank] for t in _data(i))
+        opt.step(_closure(method, opt, run, x, y))
+    out["params"] = [_local(p) for p in run.parameters()]
+    out["state"] = {k: v for k, v in opt.state_dict()["flatminima"].items() if k != "shapes"}
+    out["base"] = [{k: _local(v) for k, v in s.items()} for s in opt.state_dict()["base"]["state"].values()]
+    return out
+
+
+def _dcp(rank: int, out_dir: str) -> dict[str, Any]:
+    """Per config: the uninterrupted run, the run that saves a checkpoint, the run resumed from it,
+    under FSDP2 and DDP; the refusals (state that differs between the ranks, FSDP1, ZeRO)."""
+    from flatminima.distributed import get_optimizer_state_dict
+
+    out: dict[str, Any] = {}
+    configs = {f"fsdp2/{n}": ("fsdp2", c) for n, c in DCP_CONFIGS.items()}
+    configs["ddp/sam"] = ("ddp", DCP_CONFIGS["sam"])  # per-replica eps
+    configs["ddp/friendly_sam"] = ("ddp", DCP_CONFIGS["friendly_sam"])  # m: averaged over the replicas
+    for name, (kind, config) in configs.items():
+        path = os.path.join(out_dir, "dcp-" + name.replace("/", "-"))
+        out[name] = {
+            "plain": _guarded(_dcp_run, kind, config, rank),
+            "saving": _guarded(_dcp_run, kind, config, rank, path),
+            "resumed": _guarded(_dcp_run, kind, config, rank, None, path),
+        }
+    esam = ("esam", torch.optim.SGD, {"rho": 0.5, "beta": 0.5, "gamma": 1.0})  # each rank its own mask seed
+    out["ddp/esam-seed-per-rank"] = _guarded(lambda: _dcp_run("ddp", esam, rank, os.path.join(out_dir, "x"), seed=rank))
+    refusals: dict[str, str] = {}
+    run, _ = _wrap("fsdp1-orig")
+    opt = _opt("sam", run.parameters(), model=run)
+    try:
+        get_optimizer_state_dict(run, opt)
+        refusals["fsdp1"] = "no error"
+    except ValueError as e:
+        refusals["fsdp1"] = str(e)
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    model = _model()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    zero = flatminima.create("sam", model.parameters(), ZeroRedundancyOptimizer, optimizer_class=torch.optim.SGD,
+                             lr=0.2, momentum=0.9, model=ddp)
+    try:
+        get_optimizer_state_dict(ddp, zero)
+        refusals["zero"] = "no error"
+    except ValueError as e:
+        refusals["zero"] = str(e)
+    out["refusals"] = refusals
+    return out
+
+
 def _worker(rank: int, init_file: str, out_dir: str, scenarios: list[str]) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
@@ -237,6 +343,12 @@ def _worker(rank: int, init_file: str, out_dir: str, scenarios: list[str]) -> No
                     results[scenario] = _refusals(rank)
                 elif scenario == "zero":
                     results[scenario] = _zero(rank)
+                elif scenario == "dcp":
+                    results[scenario] = _dcp(rank, out_dir)
+                elif scenario == "bench":  # benchmarks/distributed.py's per-rank part, tiny
+                    from benchmarks.distributed import run_rank
+
+                    results[scenario] = run_rank(rank, tiny=True, reps=1, warmup=0)
                 else:
                     results[scenario] = {
                         name: _guarded(_run, scenario, name, rank)
@@ -253,8 +365,8 @@ def _worker(rank: int, init_file: str, out_dir: str, scenarios: list[str]) -> No
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     tmp = tmp_path_factory.mktemp("fsdp")
-    mp.spawn(_worker, args=(str(tmp / "init"), str(tmp), [*SHARDINGS, "refusals", "zero"]), nprocs=WORLD, join=True)
-    return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    mp.spawn(_worker, args=(str(tmp / "init"), str(tmp), [*SHARDINGS, "refusals", "zero", "dcp", "bench"]), nprocs=WORLD, join=True)
+    return [{**torch.load(tmp / f"rank{r}.pt", weights_only=False), "dir": tmp} for r in range(WORLD)]
 
 
 CASES = [(kind, name) for kind in SHARDINGS for name in METHODS if not (kind.startswith("fsdp1") and name in WHOLE_TENSORS)]
@@ -294,12 +406,102 @@ def test_zero_redundancy_optimizer_as_the_base(ranks: list[dict[str, Any]]) -> N
 
 def test_fsdp2_torchrun_example(tmp_path: Path) -> None:
     """examples/fsdp2_sam.py under ``torchrun --nproc-per-node 2``: it compares its FSDP2 run with the
-    single-process full-batch run of the same method itself."""
+    single-process full-batch run of the same method itself, and with the run resumed from its checkpoint."""
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(root / "src"), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           str(root / "examples" / "fsdp2_sam.py"), "--steps", "5", "--method", "looksam"]
+           str(root / "examples" / "fsdp2_sam.py"), "--steps", "5", "--method", "looksam", "--checkpoint", "ckpt"]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert out.returncode == 0, out.stdout + out.stderr
     diff = re.search(r"max \|w_fsdp2 - w_full_batch\| = (\S+)", out.stdout)
     assert diff is not None and float(diff.group(1)) <= 1e-6, out.stdout
+    assert "resumed from ckpt at step 2: bit-identical to the uninterrupted run: True" in out.stdout, out.stdout
+
+
+# ---------------------------------------------------------------------- distributed checkpoints
+DCP_CASES = [*(f"fsdp2/{n}" for n in DCP_CONFIGS), "ddp/sam", "ddp/friendly_sam"]
+
+
+@pytest.mark.parametrize("name", DCP_CASES)
+def test_dcp_resumed_run_is_the_uninterrupted_run(ranks: list[dict[str, Any]], name: str) -> None:
+    """Saving after 2 steps changes nothing, and a fresh model and optimizer loaded from the
+    checkpoint take the remaining steps bit for bit (weights, base state, counters, method state)."""
+    for r in range(WORLD):
+        got = ranks[r]["dcp"]
+        assert not isinstance(got, str), got
+        runs = got[name]
+        for which in ("plain", "saving", "resumed"):
+            assert not isinstance(runs[which], str), runs[which]
+        for which in ("saving", "resumed"):
+            assert all(torch.equal(a, b) for a, b in zip(runs["plain"]["params"], runs[which]["params"])), (name, which, r)
+            assert runs[which]["state"] == runs["plain"]["state"], (name, which, r)
+            base = [torch.equal(a[k], b[k]) for a, b in zip(runs["plain"]["base"], runs[which]["base"]) for k in a]
+            assert all(base) and len(runs[which]["base"]) == len(runs["plain"]["base"]), (name, which, r)
+
+
+def test_dcp_checkpoint_holds_sharded_momentum_and_method_state(ranks: list[dict[str, Any]]) -> None:
+    saved = ranks[0]["dcp"]["fsdp2/looksam"]["saving"]["saved"]
+    assert saved["state"] == {n: {"momentum_buffer": "DTensor"} for n in ("0.weight", "0.bias", "2.weight", "2.bias")}
+    assert saved["method"] == {n: {"g_v": "DTensor"} for n in ("0.weight", "0.bias", "2.weight", "2.bias")}
+    adam = ranks[0]["dcp"]["fsdp2/sam-adam"]["saving"]["saved"]["state"]["0.weight"]
+    assert adam == {"step": "Tensor", "exp_avg": "DTensor", "exp_avg_sq": "DTensor"}  # the step count: one copy
+
+
+def test_dcp_fsdp2_checkpoint_resumes_in_one_process(ranks: list[dict[str, Any]]) -> None:
+    """DCP reshards: the FSDP2 checkpoint of two ranks loads into a plain model in one process, whose
+    remaining (full-batch) steps end where the FSDP2 run ended, to 1e-6 (float32)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        set_model_state_dict,
+    )
+
+    from flatminima.distributed import (
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    method, base, options = DCP_CONFIGS["looksam"]
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    opt = flatminima.create(method, model.parameters(), base, lr=0.2, **options)
+    sd = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+    dcp.load(sd, checkpoint_id=ranks[0]["dir"] / "dcp-fsdp2-looksam")
+    set_model_state_dict(model, sd["model"])
+    set_optimizer_state_dict(model, opt, sd["optim"])
+    for i in range(DCP_SAVE_AT, STEPS):
+        opt.step(_closure(method, opt, model, *_data(i)))
+    want = ranks[0]["dcp"]["fsdp2/looksam"]["plain"]
+    assert opt.state_dict()["flatminima"]["counters"] == want["state"]["counters"]
+    full = [torch.cat([ranks[r]["dcp"]["fsdp2/looksam"]["plain"]["params"][i] for r in range(WORLD)]) for i in range(4)]
+    assert max(float((a.detach() - b).abs().max()) for a, b in zip(model.parameters(), full)) <= 1e-6
+
+
+def test_dcp_refuses_what_it_cannot_save(ranks: list[dict[str, Any]]) -> None:
+    seeds = ranks[0]["dcp"]["ddp/esam-seed-per-rank"]
+    assert isinstance(seeds, str) and "ESAM: the counters, method-level state and param groups differ between the ranks" in seeds, seeds
+    assert "keeps one copy of what is not sharded" in seeds and "pass the same value on every rank" in seeds, seeds
+    out = ranks[0]["dcp"]["refusals"]
+    assert "under FSDP1" in out["fsdp1"] and "use FSDP2 (torch.distributed.fsdp.fully_shard)" in out["fsdp1"], out
+    assert "ZeroRedundancyOptimizer as the base" in out["zero"] and "consolidate_state_dict(to=0)" in out["zero"], out
+
+
+def test_benchmark_fsdp2_holds_half_of_ddps_bytes(ranks: list[dict[str, Any]]) -> None:
+    """benchmarks/distributed.py, tiny: at the step's peak a DDP rank holds every parameter, its
+    gradient and the w kept aside whole (4 bytes each, plus a scalar kept) and the momentum; an FSDP2
+    rank holds half of each (two ranks, even dimensions)."""
+    from benchmarks.distributed import SETUPS, render, summarize
+
+    for r in range(WORLD):
+        got = ranks[r]["bench"]
+        assert not isinstance(got, str), got
+        whole = 4 * got["params"]
+        for kind in ("ddp/sam", "ddp/sam-sync"):
+            assert got["bytes"][kind] == {"params": whole, "grads": whole, "kept": whole + 4, "base_state": whole}, kind
+        assert got["bytes"]["fsdp2/sam"] == {"params": whole // 2, "grads": whole // 2, "kept": whole // 2 + 4,
+                                             "base_state": whole // 2}
+        assert sorted(got["seconds"]) == sorted(SETUPS) and all(len(v) == 1 for v in got["seconds"].values())
+    res = summarize([ranks[r]["bench"] for r in range(WORLD)])
+    assert abs(res["fsdp2_vs_ddp"]["step_bytes"] - 0.5) < 1e-3
+    res["meta"] = {"reps": 1, "width": 32, "depth": 2, "batch": 8}
+    assert "FSDP2 / DDP (sync, the same step): parameter, gradient and eps bytes x0.500" in render(res)

@@ -1,5 +1,6 @@
 """flatminima: sharpness-aware minimization (SAM) and its family for PyTorch."""
 
+from . import distributed as distributed  # DCP checkpoints
 from ._base import GroupView, SharpnessAware, StepContext
 from .ae_sam import AESAM
 from .compose import compose, method_class

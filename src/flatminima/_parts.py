@@ -55,6 +55,9 @@ class Part:
     reads_gradient: ClassVar[bool] = False
     #: keys of ``ctx.extra`` holding ``{param: Tensor}`` from a shard's own gradient (averaged over shards)
     shard_state: ClassVar[tuple[str, ...]] = ()
+    #: keys of ``opt.state[p]`` the part keeps between steps, each a tensor like ``p``'s gradient
+    #: (distributed checkpoints hold a placeholder for each until it exists: flatminima.distributed)
+    param_state: ClassVar[tuple[str, ...]] = ()
     #: keeps ``method_state["step"]``, the steps taken (one counter, however many parts use it)
     counts_steps: ClassVar[bool] = False
     #: a feature of the step the part brings along: a class mixed into the optimizer's (ESAM's data selection)

@@ -157,18 +157,23 @@ def refuse_per_replica(shards: Shards | None, what: str) -> None:
 def same_on_every_rank(shards: Shards | None, value: int, name: str = "ESAM's seed") -> None:
     """Refuse a per-rank ``value`` (ESAM's mask seed) under FSDP: each rank would mask its shards
     with another draw. One collective, at construction."""
-    import torch.distributed as dist
-
-    if shards is None:
-        return
-    parts = [float(value >> 32), float(value & 0xFFFFFFFF)]  # exact in float64 (a seed has up to 64 bits)
-    t = torch.tensor(parts + [-x for x in parts], dtype=torch.float64, device=shards.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=shards.group)
-    if t[:2].tolist() != (-t[2:]).tolist():
+    if shards is not None and differ_between_ranks(shards.group, shards.device, [value])[0]:
         raise ValueError(
             f"{name} differs between the ranks ({value} here), so each would perturb its shards with another "
             "mask: pass the same seed= on every rank"
         )
+
+
+def differ_between_ranks(group: Any, device: torch.device, values: Sequence[int]) -> list[bool]:
+    """Per value (an int of up to 64 bits: a seed, a digest), whether the ranks of ``group`` hold
+    different ones. One collective: the maximum of the values and of their negations."""
+    import torch.distributed as dist
+
+    parts = [float(x) for v in values for x in (v >> 32, v & 0xFFFFFFFF)]  # exact in float64
+    t = torch.tensor(parts + [-x for x in parts], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    high, low = t[: len(parts)].view(-1, 2), -t[len(parts) :].view(-1, 2)
+    return [not bool(same) for same in (high == low).all(dim=1).tolist()]
 
 
 # ---------------------------------------------------------------------- global reductions

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import _sharding
+from . import _sharding, _stacks
 from ._options import Option
 
 _FORMAT = 1
@@ -198,6 +198,7 @@ class Wrapped(Optimizer):
         options (:attr:`method_options`, restored on load as param-group
         hyperparameters are) and the counters.
         Readable with ``torch.load(..., weights_only=True)``."""
+        _stacks.refuse_dcp_helpers(type(self).__name__)  # they would keep "state" alone: {} (no momentum)
         self._between_steps("state_dict()")
         own = super().state_dict()
         return {
@@ -219,6 +220,7 @@ class Wrapped(Optimizer):
         option it holds passes the constructor's checks first, and the load is
         all or nothing: a state dict that does not load raises ValueError or
         TypeError and leaves the optimizer exactly as it was."""
+        _stacks.refuse_dcp_helpers(type(self).__name__)
         meta = self._check_loadable(state_dict)
         self._between_steps("")
         before = copy.deepcopy(self.state_dict())

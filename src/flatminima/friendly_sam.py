@@ -21,6 +21,7 @@ class Friendly(Ascent):
         "lam": Option(0.9, V.below_one, "decay of m"),
     }
     reads_gradient = True
+    param_state = ("m",)
     shard_state = ("m",)  # the new average, from this shard's gradient
 
     def vector(self, opt: SharpnessAware, ctx: StepContext, view: GroupView, scratch: list[Tensor]) -> bool:

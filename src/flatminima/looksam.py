@@ -23,6 +23,7 @@ class Reuse(Combine):
         "layerwise": Option(False, V.flag, "per-tensor cosines and norms", wide=True),
     }
     needs_clean_grad = True
+    param_state = ("g_v",)
 
     def needs_whole_tensors(self, opt: SharpnessAware, group: Mapping[str, Any]) -> str | None:
         return "layerwise=True takes cosines and norms per parameter tensor" if opt.layerwise else None  # type: ignore[attr-defined]

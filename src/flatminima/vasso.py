@@ -18,6 +18,7 @@ class Variance(Ascent):
     name = "vasso"
     options = {"theta": Option(0.9, V.above_zero, "weight of g in d")}
     reads_gradient = True
+    param_state = ("d",)
     shard_state = ("d",)  # the new average, from this shard's gradient
 
     def vector(self, opt: SharpnessAware, ctx: StepContext, view: GroupView, scratch: list[Tensor]) -> bool:
