@@ -195,6 +195,19 @@ def _refusals(rank: int) -> dict[str, str]:
         out["chunks"] = "no error"
     except ValueError as e:
         out["chunks"] = str(e)
+    before = [p.detach().clone() for p in run.parameters()]
+    try:
+        def closure() -> torch.Tensor:
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(run(x), y)
+            loss.backward()
+            return loss
+
+        opt.step(closure, scaler=torch.amp.GradScaler("cpu"))
+        out["scaler"] = "no error"
+    except ValueError as e:
+        out["scaler"] = str(e)
+    out["scaler_moved"] = str(any(not torch.equal(a, b) for a, b in zip(before, run.parameters())))
     return out
 
 
@@ -396,6 +409,8 @@ def test_fsdp1_without_model_and_chunks_under_fsdp2_are_refused(ranks: list[dict
     out = ranks[0]["refusals"]
     assert "FSDP1 shards" in out["no-model"] and "model=<the FSDP module>" in out["no-model"], out["no-model"]
     assert "chunks=" in out["chunks"] and "one global eps" in out["chunks"], out["chunks"]
+    assert "a GradScaler under FSDP2 is not supported: use bf16 autocast" in out["scaler"], out["scaler"]
+    assert out["scaler_moved"] == "False"  # refused before anything moved
 
 
 def test_zero_redundancy_optimizer_as_the_base(ranks: list[dict[str, Any]]) -> None:

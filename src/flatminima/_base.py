@@ -279,6 +279,7 @@ class SharpnessAware(Wrapped):
         fe = views.use_foreach(self.foreach, groups)
         ctx = StepContext(groups, fe, [], group=group, data=self._data, shards=self._shards)
         if enabled(scaler):
+            S.refuse_scaler(self._shards)
             ctx.scaling = scaling or ScaledPasses(scaler)  # type: ignore[arg-type]
             if not self.pre_pass:  # nothing to unscale before the one pass
                 ctx.scaling.unscale([p for v in groups for p in v.params])

@@ -154,6 +154,16 @@ def refuse_per_replica(shards: Shards | None, what: str) -> None:
         )
 
 
+def refuse_scaler(shards: Shards | None) -> None:
+    """A GradScaler under FSDP: its inf checks and unscaling of sharded gradients are untested
+    here, so the step refuses it before anything moves instead of risking a silent wrong step."""
+    if shards is not None:
+        raise ValueError(
+            f"a GradScaler under {shards.kind} is not supported: use bf16 autocast (no scaler needed), "
+            "or fp16 with a GradScaler under DDP (docs/distributed.md)"
+        )
+
+
 def same_on_every_rank(shards: Shards | None, value: int, name: str = "ESAM's seed") -> None:
     """Refuse a per-rank ``value`` (ESAM's mask seed) under FSDP: each rank would mask its shards
     with another draw. One collective, at construction."""
