@@ -419,3 +419,13 @@ def test_muon_through_the_command(tmp_path: Path, data_dir: str, capsys: pytest.
     full = numbers("full")
     assert [len(h) for h in full] == [2, 2] and full == numbers("part")
     assert "muon(lr=0.01, weight_decay=0.0005)" in capsys.readouterr().out
+
+
+def test_muon_adamw_reads_a_generator_of_parameters_once() -> None:
+    """Groups given as generators (``module.parameters()``): the check that some group is Muon's
+    used to read them to the end, leaving Muon nothing to step."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+    hidden = (p for p in model[1].parameters() if p.dim() == 2)
+    rest = (p for m in model for p in m.parameters() if p is not model[1].weight)
+    opt = flatminima.MuonAdamW([{"params": hidden, "use_muon": True}, {"params": rest, "use_muon": False}], lr=0.01)
+    assert sorted(len(g["params"]) for g in opt.param_groups) == [1, 5]

@@ -582,3 +582,22 @@ def test_ctrl_c_while_writing_the_outputs_says_what_the_folder_holds(tmp_path: A
         f"(checkpoints/) and no results.json yet.\nContinue with: flatminima compare --out {out} --resume\n")
     assert len(list((out / "runs").glob("*.json"))) == 1
     assert len(list((out / "checkpoints").glob("*.pt"))) == int(keep)
+
+
+def test_a_plain_optimizers_damaged_checkpoint_is_one_line(tmp_path: Any, capsys: pytest.CaptureFixture) -> None:
+    """A baseline method's optimizer is torch's: its load_state_dict raises AttributeError on a
+    state that is not a dict, which --resume reported as a traceback."""
+    from flatminima.experiments.checkpoint import load_checkpoint, save_checkpoint
+    from flatminima.experiments.cli import main
+
+    out = tmp_path / "out"
+    assert _tiny_compare(out, "--methods", "sgd", "--epochs", "3", "--stop-after", "1") == 0
+    ckpt = out / "checkpoints" / "00_sgd_seed0.pt"
+    state = load_checkpoint(ckpt)
+    state["optimizer"] = 3
+    save_checkpoint(ckpt, {k: v for k, v in state.items() if k != "format"})
+    capsys.readouterr()
+    assert main(["compare", "--out", str(out), "--resume", "--progress", "none"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"flatminima: error: checkpoint {ckpt} does not match this run: its optimizer state does "
+                          "not load (AttributeError") and err.count("\n") == 1

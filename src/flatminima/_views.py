@@ -134,7 +134,7 @@ def put_back(ctx: StepContext, param_groups: list[dict[str, Any]]) -> None:
     for group in param_groups:
         for p in group["params"]:
             p.grad = None
-    for p, g in ctx.aside or []:
+    for p, g in ctx.aside:
         p.grad = g
     ctx.aside = None
 
@@ -169,23 +169,17 @@ def refresh(ctx: StepContext, param_groups: list[dict[str, Any]], owner: str) ->
 
 def clip(ctx: StepContext, max_norm: float | None) -> None:
     """Scale the direction in ``.grad`` to a global norm of at most ``max_norm``."""
-    if max_norm is None or ctx.shards is None:
-        clip_lists([v.grads for v in ctx.groups], max_norm, ctx.foreach)
-        return
-    # the global norm of sharded tensors: their shards' squares summed
-    coef = torch.clamp(max_norm / (total(squares(ctx, [v.grads for v in ctx.groups])).sqrt() + 1e-6), max=1.0)
-    for v in ctx.groups:
-        T.mul_(v.grads, coef, ctx.foreach)
+    clip_lists(ctx, [v.grads for v in ctx.groups], max_norm)
 
 
-def clip_lists(lists: list[list[Tensor]], max_norm: float | None, foreach: bool) -> None:
-    """Scale the tensors of ``lists`` together to a global norm of at most ``max_norm``."""
+def clip_lists(ctx: StepContext, lists: list[list[Tensor]], max_norm: float | None) -> None:
+    """Scale the tensors of ``lists`` together to a global norm of at most ``max_norm``
+    (over every shard: ``squares`` sums the ranks' parts under FSDP)."""
     if max_norm is None or not lists:
         return
-    norm = total([T.sum_of_squares(ts, foreach) for ts in lists]).sqrt()
-    coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    coef = torch.clamp(max_norm / (total(squares(ctx, lists)).sqrt() + 1e-6), max=1.0)
     for ts in lists:
-        T.mul_(ts, coef, foreach)
+        T.mul_(ts, coef, ctx.foreach)
 
 
 def set_grads(view: GroupView, grads: list[Tensor]) -> list[Tensor]:

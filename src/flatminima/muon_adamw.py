@@ -93,6 +93,7 @@ class MuonAdamW(Optimizer):
         groups = list(params)
         for i, group in enumerate(groups):
             self._check_marked(group, f"param group {i}")
+            groups[i] = {**group, "params": _as_list(group["params"])}  # a generator is read once, here
         if not any(g["use_muon"] and list(_as_list(g["params"])) for g in groups):
             raise ValueError("MuonAdamW: no parameter has use_muon=True, so Muon would step nothing; the model has no "
                              "2-D weights in hidden layers (Muon takes only those): use AdamW instead")

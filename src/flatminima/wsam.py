@@ -45,7 +45,7 @@ class Weighted(Combine):
 
     def post_step(self, opt: SharpnessAware, ctx: StepContext) -> None:
         terms = ctx.extra["sharpness"] if ctx.perturbed else []
-        views.clip_lists([s for s in terms if s is not None], opt.max_grad_norm, ctx.foreach)  # the same bound as d
+        views.clip_lists(ctx, [s for s in terms if s is not None], opt.max_grad_norm)  # the same bound as d
         for v, s in zip(ctx.groups, terms):
             if s is not None:  # a plain SGD step with the group's current lr, not preconditioned
                 T.add_scaled_(v.params, s, -self.alpha(v.group) * v.group["lr"], ctx.foreach)

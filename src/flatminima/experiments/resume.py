@@ -71,7 +71,7 @@ def load_optimizer_and_schedule(opt: torch.optim.Optimizer, sched: torch.optim.l
     try:
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-    except (KeyError, ValueError, TypeError) as e:
+    except (KeyError, ValueError, TypeError, AttributeError) as e:  # torch's own load: AttributeError on a non-dict
         raise _refuse(path, f"its optimizer state does not load ({type(e).__name__}: {e})") from None
     loaded = opt.state_dict()
     for i, (want, got) in enumerate(zip(built["param_groups"], loaded["param_groups"])):

@@ -77,8 +77,6 @@ class SharpnessAwareAcceleratedOptimizer(AcceleratedOptimizer):
         self.step_taken = False
         #: the summed clean and perturbed losses of the last step (perturbed: None without a perturbed pass)
         self.last_losses: tuple[Tensor | None, Tensor | None] = (None, None)
-        #: the norm of the direction the base optimizer stepped along in the last step (after clipping)
-        self.last_direction_norm: Tensor | None = None
         self._is_accelerate_prepared = True  # accelerator.prepare keeps this wrapper as it is
 
     @property
@@ -107,12 +105,10 @@ class SharpnessAwareAcceleratedOptimizer(AcceleratedOptimizer):
         closures, self._closures = self._closures, []
         losses: list[Tensor] = []
         sa = self.sharpness_aware
-        skipped, taken = sa.skipped_steps, sa.step_count
+        taken = sa.step_count
         loss = sa.step(lambda: self._replay(closures, losses), scaler=self.grad_scaler)
-        self._is_overflow = sa.skipped_steps > skipped or sa.step_count == taken
+        self._is_overflow = sa.step_count == taken  # skipped: accelerate holds the LR scheduler
         self.last_losses = (losses[0] if losses else None, losses[1] if len(losses) > 1 else None)
-        grads = [p.grad for g in sa.param_groups for p in g["params"] if p.grad is not None]
-        self.last_direction_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else None
         return loss
 
     def forget_window(self) -> None:

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 from transformers import Trainer
 
-from .. import _validate as V
+from .. import _tensorops as T, _validate as V
 from .._base import SharpnessAware
 from ..registry import create, get_method
 from ._accelerate import SharpnessAwareAcceleratedOptimizer
@@ -50,7 +50,7 @@ class SharpnessAwareTrainer(Trainer):
         if method_options is not None and not isinstance(method_options, dict):
             raise TypeError(f"method_options must be a dict, got {type(method_options).__name__}")
         self.sam_method, self.sam_options = method, dict(method_options or {})
-        self._sharpness: list[float] = []
+        self._sharpness: list[Tensor] = []
         super().__init__(*args, **kwargs)
 
     # ------------------------------------------------------------------ the optimizer
@@ -86,10 +86,8 @@ class SharpnessAwareTrainer(Trainer):
                 "sharpness-aware method can wrap; choose another optim, or hand an optimizer over with "
                 "optimizers=(flatminima optimizer, scheduler)"
             )
-        options = dict(self.sam_options)
-        if self.args.max_grad_norm and "max_grad_norm" not in options:
-            options["max_grad_norm"] = self.args.max_grad_norm
-        return create(self.sam_method, [g for g in groups if g["params"]], base_cls, **{**base_kwargs, **options})
+        # max_grad_norm comes from the arguments in _check, as for an optimizer handed over
+        return create(self.sam_method, [g for g in groups if g["params"]], base_cls, **{**base_kwargs, **self.sam_options})
 
     def _check(self, sa: SharpnessAware) -> None:
         """What a Trainer step cannot serve, refused before the first step."""
@@ -139,7 +137,7 @@ class SharpnessAwareTrainer(Trainer):
         opt.step_taken = True
         clean, perturbed = opt.last_losses
         if clean is not None and perturbed is not None:
-            self._sharpness.append(float(perturbed - clean))
+            self._sharpness.append(perturbed - clean)  # read on the host only when logged
         return loss.detach()  # type: ignore[no-any-return]
 
     # The step clipped (or not) before the base optimizer stepped; the Trainer must not clip again.
@@ -147,18 +145,22 @@ class SharpnessAwareTrainer(Trainer):
         return self._direction_norm()
 
     def _get_grad_norm(self, model: nn.Module, grad_norm: Any = None) -> Any:
-        return self._direction_norm()
+        return self._direction_norm() if grad_norm is None else grad_norm
 
-    def _direction_norm(self) -> Any:
+    def _direction_norm(self) -> Tensor | None:
+        """The norm of the direction in ``.grad``, the one the base optimizer just stepped along
+        (after clipping): asked for before the Trainer zeroes the gradients."""
         opt = self.optimizer
-        norm = opt.last_direction_norm if isinstance(opt, SharpnessAwareAcceleratedOptimizer) else None
-        return None if norm is None else norm.item()
+        if not isinstance(opt, SharpnessAwareAcceleratedOptimizer):
+            return None
+        grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        return T.sum_of_squares(grads, True).sqrt() if grads else None
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if "loss" in logs and isinstance(self.optimizer, SharpnessAwareAcceleratedOptimizer):
             sa = self.optimizer.sharpness_aware
             if self._sharpness:
-                logs["sharpness"] = sum(self._sharpness) / len(self._sharpness)
+                logs["sharpness"] = float(torch.stack(self._sharpness).mean())
             self._sharpness = []
             logs["perturbed_steps"] = sa.perturbed_steps
             logs["skipped_steps"] = sa.skipped_steps
