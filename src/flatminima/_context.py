@@ -59,6 +59,8 @@ def total(values: list[Tensor]) -> Tensor:
     """Sum per-group reductions that may live on different devices."""
     if not values:
         return torch.zeros(())
+    if len(values) == 1 and values[0].dtype in (torch.float32, torch.float64):
+        return values[0]  # one group (the common case): the sum is the value, no stack and sum kernels
     device = values[0].device
     acc = torch.float64 if any(v.dtype == torch.float64 for v in values) else torch.float32
     return torch.stack([v.to(device=device, dtype=acc) for v in values]).sum()

@@ -115,8 +115,13 @@ class Wrapped(Optimizer):
             option.check(key, value)
 
     def _check_group(self, group: Mapping[str, Any]) -> None:
-        for key in self._method_defaults:
-            self._check_value(key, group[key])
+        # each step re-checks the group (a value set by hand since is refused before it is used);
+        # values already checked are skipped: same type and equal (NaN never equals: checked again)
+        seen = [(type(v), v) for v in map(group.__getitem__, self._method_defaults)]
+        if self.__dict__.setdefault("_checked", {}).get(id(group)) != seen:
+            for key in self._method_defaults:
+                self._check_value(key, group[key])
+            self._checked[id(group)] = seen
         _sharding.check_group(self, group)  # under FSDP1: no part that needs whole tensors
 
     def _adopt_instance_groups(self, user_params: list[Any]) -> None:
