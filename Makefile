@@ -7,7 +7,7 @@ VPY    := $(VENV)/bin/python
 PIP    := $(VPY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test typecheck demo bench clean distclean
+.PHONY: venv test typecheck demo bench bench-peers gpu-check clean distclean
 
 venv: $(STAMP)
 
@@ -34,6 +34,17 @@ demo: venv
 
 bench: venv
 	$(VPY) -m benchmarks --training
+	$(VPY) -m benchmarks.peers --threads 1
+
+# flatminima against pytorch_optimizer alone (issue #15): steps, bookkeeping, peak memory.
+bench-peers: venv
+	$(VPY) -m benchmarks.peers --threads 1
+
+# The CUDA checks, host synchronisations and benchmark ratios (at most ~4 minutes on one GPU; a CPU
+# fallback without one). No venv: a GPU machine runs it with its own Python and CUDA build of torch.
+GPU_PYTHON ?= python3
+gpu-check:
+	PYTHONPATH=src:. $(GPU_PYTHON) -m benchmarks.gpu_check
 
 # Build artefacts and caches; keeps the virtual environment.
 clean:

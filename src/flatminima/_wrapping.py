@@ -36,6 +36,8 @@ class Wrapped(Optimizer):
     method_options: ClassVar[tuple[str, ...]] = ("max_grad_norm", "sync_perturbations")
     #: the parameters' sharding (FSDP1, FSDP2; ``_sharding.detect``), None for whole tensors
     _shards: _sharding.Shards | None = None
+    #: per group (by id), the option values last checked: a step re-checks only what changed
+    _checked: dict[int, list[tuple[type, Any]]]
 
     def _wrap(
         self,
