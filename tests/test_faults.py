@@ -601,3 +601,24 @@ def test_a_plain_optimizers_damaged_checkpoint_is_one_line(tmp_path: Any, capsys
     err = capsys.readouterr().err
     assert err.startswith(f"flatminima: error: checkpoint {ckpt} does not match this run: its optimizer state does "
                           "not load (AttributeError") and err.count("\n") == 1
+
+
+def test_an_option_changed_by_hand_after_steps_is_checked_again() -> None:
+    """The step re-checks only the option values that changed since the last check: a valid value
+    changed to an invalid one is refused, and so is one equal to the old value but of another
+    type (adaptive=True changed to 1)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3)).double()
+    opt = flatminima.SAM(model.parameters(), torch.optim.SGD, rho=0.05, adaptive=True, lr=0.1)
+    x, y = helpers.batches(1, torch.float64)[0]
+    closure = helpers.make_closure(opt, model, x[:, :4], y % 3)
+    opt.step(closure)
+    opt.step(closure)
+    opt.param_groups[0]["adaptive"] = 1
+    with pytest.raises(TypeError, match="adaptive"):
+        opt.step(closure)
+    opt.param_groups[0]["adaptive"] = True
+    opt.step(closure)
+    opt.param_groups[0]["rho"] = -0.05
+    with pytest.raises(ValueError, match="rho"):
+        opt.step(closure)
