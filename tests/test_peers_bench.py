@@ -63,7 +63,7 @@ def test_side_by_side_run_reports_ratios_bookkeeping_and_memory(tmp_path: Path) 
         assert set(mem[side]) == {"sam"} and math.isfinite(mem[side]["sam"]["peak_extra_x_params"]), mem
     names = [t["name"] for t in res["targets"]]
     assert "SAM bookkeeping <= 0.5 x the fastest peer's (mlp)" in names
-    assert "SAM step <= the peer's (resnet1d)" in names and "sam peak extra memory <= 1.0 x params" in names
+    assert "SAM step <= the peer's (resnet1d)" in names and "sam peak extra memory <= 1.0 x params (+0.03)" in names
     text = peers.render(res)
-    assert "pytorch_optimizer looksam*" in text and "bookkeeping x SGD" in text and "[PASS]" in text or "[MISS]" in text
+    assert "pytorch_optimizer looksam*" in text and "bookkeeping x SGD" in text and ("[PASS]" in text or "[MISS]" in text)
     assert (tmp_path / "peers.json").stat().st_size > 0
