@@ -36,6 +36,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import flatminima
+import helpers
 
 WORLD, STEPS, BATCH = 2, 5, 8
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
@@ -81,17 +82,8 @@ def _opt(name: str, params: Any, **extra: Any) -> flatminima.SharpnessAware:
 
 
 def _closure(name: str, opt: Any, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[..., Any]:
-    if METHODS[name][0] == "esam":  # per-sample losses: ESAM selects and runs the backward itself
-        return lambda indices=None: nn.functional.cross_entropy(
-            model(x if indices is None else x[indices]), y if indices is None else y[indices], reduction="none")
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
-
-    return closure
+    # ESAM takes per-sample losses: it selects and runs the backward itself
+    return helpers.make_closure(opt, model, x, y, "per_sample" if METHODS[name][0] == "esam" else "loss")
 
 
 def full_batch(name: str) -> dict[str, Any]:
