@@ -218,19 +218,22 @@ def run_checks(device: torch.device) -> list[dict[str, str]]:
 
 
 def count_syncs(device: torch.device, calls: int = 3) -> dict[str, dict[str, Any]]:
-    """Per method (and SAM under a GradScaler): syncs per step() on CUDA, host reads on CPU."""
+    """Per method with ``model=`` (and SAM under a GradScaler, and without ``model=``): syncs per
+    step() on CUDA, host reads on CPU (where the clean check is not deferred: flatminima._deferred)."""
     counter = syncs.count_cuda_syncs if device.type == "cuda" else syncs.count_host_reads
     out: dict[str, dict[str, Any]] = {}
-    for name, scaled in [(n, False) for n in flatminima.list_methods()] + [("sam", True)]:
+    runs = [(n, False, True) for n in flatminima.list_methods()] + [("sam", True, True), ("sam", False, False)]
+    for name, scaled, with_model in runs:
         model = _mlp(device)
         x, y = _batch(device)
-        opt = _create(name, model)
+        opt = _create(name, model, model=model if with_model else None)
         scaler = torch.amp.GradScaler(device.type) if scaled else None
         step = _step_fn(name, model, opt, x, y, scaler)
         for _ in range(2 * 5):  # past the first period of the periodic methods
             step()
         per_step, where = counter(step, calls)
-        out[name + (" + GradScaler" if scaled else "")] = {"per_step": per_step, "where": where}
+        label = name + (" + GradScaler" if scaled else "") + ("" if with_model else " without model=")
+        out[label] = {"per_step": per_step, "where": where}
     return out
 
 

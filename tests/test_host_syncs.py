@@ -1,10 +1,12 @@
 """Host reads of device values in one ``step()`` (each one a synchronisation on CUDA), counted on
 CPU with :func:`benchmarks.syncs.count_host_reads` (issue #15 item 4).
 
-SAM, ASAM, WSAM and GSAM read the device twice per step: the finite check of the clean gradient
-(it decides whether the perturbed pass runs) and that of the perturbed one (it decides whether the
-base optimizer may step). On CPU the radius factor is also read, to fold it into one add
-(``_views.step_out``); on a device it stays a tensor. A new read in the hot path fails here.
+On the CPU, SAM, ASAM, WSAM and GSAM read the device twice per step: the finite check of the
+clean gradient (it decides whether the perturbed pass runs) and that of the perturbed one (it
+decides whether the base optimizer may step). On an accelerator, with ``model=`` given, the two are
+one read (``flatminima._deferred``; tests/test_deferred_check.py turns it on here). On CPU the
+radius factor is also read, to fold it into one add (``_views.step_out``); on a device it stays a
+tensor. A new read in the hot path fails here.
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import _declare, _options, _sharding as S, _stacks, passes as P, _tensorops as T, _validate as V, _views as views
+from . import _declare, _deferred as D, _options, _sharding as S, _stacks, passes as P, _tensorops as T, _validate as V, _views as views
 from ._chunks import chunked_step, pre_pass_step
 from ._context import GroupView, StepContext, total
 from ._parts import Always, Ascent, Combine, Descend, Plain, Schedule
@@ -85,6 +85,7 @@ class SharpnessAware(Wrapped):
         self._phase: str | None = None  # None | "perturbed" | "unperturbed" | "skipped"
         self._pending: StepContext | None = None
         self._scaler: Any = None  # the GradScaler of the step(closure) call under way
+        self._defer = False  # inside step(closure): the clean finite check may wait (_deferred)
         self._data: dict[str, Any] = {}  # what the closure noted for the step under way
         self._skips = SkipLog(type(self).__name__, lambda: self.param_groups)
         self._wrap(params, base_optimizer, group, base_kwargs)
@@ -129,12 +130,8 @@ class SharpnessAware(Wrapped):
                 phase = "perturbed" if self._decide(ctx) and self._prepare(ctx) else "unperturbed"
             elif not (any(v.params for v in ctx.groups) or self._may_lack_clean_grad()):
                 raise views.no_clean_grad(type(self).__name__)
-            elif not self._finite(ctx, ctx.grad_sq, every_rank=True):
-                phase = "skipped"
-            elif not self._replicas().decide(ctx, lambda: self._decide(ctx), self.decides_from_gradient):
-                phase = "unperturbed"
-            else:
-                phase = "perturbed"
+            else:  # step(closure) may read the clean verdict with the perturbed one (_deferred)
+                phase = D.clean_phase(self, ctx, self._defer)
             if phase == "perturbed":
                 ctx.aside = None  # a pre-pass step's: stale at w + eps
                 self._perturb(ctx)
@@ -222,7 +219,7 @@ class SharpnessAware(Wrapped):
             return pre_pass_step(self, closure, n, scaler)
         if n is not None:
             return chunked_step(self, closure, n, scaler)
-        self._scaler, self._data = (scaler if on else None), {}
+        self._scaler, self._data, self._defer = (scaler if on else None), {}, True
         try:
             with self._replicas().local_pass():
                 loss = self._run_closure(closure, "clean")
@@ -235,7 +232,7 @@ class SharpnessAware(Wrapped):
                     raise
             self.second_step()
         finally:
-            self._scaler, self._data = None, {}
+            self._scaler, self._data, self._defer = None, {}, False
         return loss
 
     def note(self, **values: Any) -> None:
@@ -357,9 +354,11 @@ class SharpnessAware(Wrapped):
         squares = S.squares(ctx, [v.grads for v in ctx.groups])
         ctx.grad_sq, ctx.perturbed_sq = (squares, ctx.perturbed_sq) if clean else (ctx.grad_sq, squares)
         # DDP averaged this pass (every rank has it) unless chunks ran it locally
-        if self._finite(ctx, squares, every_rank=ctx.chunked):
+        deferred, ctx.clean_total = ctx.clean_total, None
+        verdict = None if deferred is None else D.settle(deferred, squares)  # both passes, one read
+        if verdict == "finite" or (verdict is None and self._finite(ctx, squares, every_rank=ctx.chunked)):
             return True
-        self._count_skip("clean" if clean else "perturbed")
+        self._count_skip("clean" if clean or verdict == "clean" else "perturbed")
         return False
 
     def _may_lack_clean_grad(self) -> bool:  # whether a clean pass may leave no gradient (ESAM: a mask)

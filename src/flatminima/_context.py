@@ -43,6 +43,8 @@ class StepContext:
     aside: list[tuple[Tensor, Tensor]] | None = None
     #: the parameters' sharding (``_sharding.Shards``: FSDP1, FSDP2), whose global norms are all-reduced; None: whole tensors
     shards: Any = None
+    #: ``||g||^2`` of a clean pass whose finite check waits for the perturbed pass's (``_deferred``)
+    clean_total: Tensor | None = None
 
     @property
     def grad_norm(self) -> Tensor:
