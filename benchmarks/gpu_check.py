@@ -42,6 +42,8 @@ from torch import nn
 from ._env import REPO, flatminima  # noqa: F401  (falls back to src/ when not installed)
 import flatminima
 
+from flatminima import _deferred
+
 from . import syncs
 
 SAM_LIKE = ("sam", "asam", "wsam", "gsam")  # issue #15: at most one sync per step without a GradScaler
@@ -77,8 +79,8 @@ def _step_fn(name: str, model: nn.Module, opt: Any, x: torch.Tensor, y: torch.Te
     return lambda: opt.step(closure, scaler=scaler) if scaler is not None else opt.step(closure)
 
 
-def _create(name: str, model: nn.Module, **kw: Any) -> Any:
-    return flatminima.create(name, model.parameters(), torch.optim.SGD, lr=0.05, momentum=0.9, **kw)
+def _create(name: str, net: nn.Module, **kw: Any) -> Any:
+    return flatminima.create(name, net.parameters(), torch.optim.SGD, lr=0.05, momentum=0.9, **kw)
 
 
 # ---------------------------------------------------------------- checks
@@ -219,9 +221,19 @@ def run_checks(device: torch.device) -> list[dict[str, str]]:
 
 def count_syncs(device: torch.device, calls: int = 3) -> dict[str, dict[str, Any]]:
     """Per method with ``model=`` (and SAM under a GradScaler, and without ``model=``): syncs per
-    step() on CUDA, host reads on CPU (where the clean check is not deferred: flatminima._deferred)."""
+    step() on CUDA, host reads on CPU, with the clean check deferred as on a device
+    (``flatminima._deferred``; on the CPU it is otherwise off)."""
     counter = syncs.count_cuda_syncs if device.type == "cuda" else syncs.count_host_reads
     out: dict[str, dict[str, Any]] = {}
+    old, _deferred.ON_HOST = _deferred.ON_HOST, True  # on CPU too: the reads a device would make
+    try:
+        _count_each(device, counter, calls, out)
+    finally:
+        _deferred.ON_HOST = old
+    return out
+
+
+def _count_each(device: torch.device, counter: Callable[..., Any], calls: int, out: dict[str, dict[str, Any]]) -> None:
     runs = [(n, False, True) for n in flatminima.list_methods()] + [("sam", True, True), ("sam", False, False)]
     for name, scaled, with_model in runs:
         model = _mlp(device)
@@ -234,7 +246,6 @@ def count_syncs(device: torch.device, calls: int = 3) -> dict[str, dict[str, Any
         per_step, where = counter(step, calls)
         label = name + (" + GradScaler" if scaled else "") + ("" if with_model else " without model=")
         out[label] = {"per_step": per_step, "where": where}
-    return out
 
 
 # ---------------------------------------------------------------- the run
@@ -257,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {"env": env, "checks": run_checks(device)}
     report["syncs"] = count_syncs(device)
     report["syncs_kind"] = ("CUDA synchronisations (set_sync_debug_mode('warn'))" if cuda else
-                            "host reads of tensor values (a sync each on CUDA; free on CPU)")
+                            "host reads of tensor values (a sync each on CUDA; free on CPU), the clean check "
+                            "deferred as on a device")
     if not a.no_bench:
         from .peers import render, run_peers
 
