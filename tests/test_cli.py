@@ -318,11 +318,14 @@ def test_a_method_that_cannot_run_does_not_stop_the_others(tmp_path: Path, data_
 
 
 def test_module_entry_point(tmp_path: Path) -> None:
-    """``python -m flatminima.experiments`` (what torchrun runs) and the console script."""
+    """``python -m flatminima.experiments`` (what torchrun runs), ``python -m flatminima`` and the console script."""
     env = {**os.environ, "PYTHONPATH": str(Path(flatminima.__file__).parents[1])}
     proc = subprocess.run([sys.executable, "-m", "flatminima.experiments", "compare", "--methods", "nope"],
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 2 and "unknown method 'nope'" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "flatminima", "--version"], capture_output=True, text=True, env=env,
+                          timeout=120)  # python -m flatminima: the same command
+    assert proc.returncode == 0 and flatminima.__version__ in proc.stdout, (proc.stdout, proc.stderr)
     script = shutil.which("flatminima", path=str(Path(sys.executable).parent))
     if script:  # the console script of pyproject's [project.scripts]
         assert "flatminima.experiments.cli" in Path(script).read_text()

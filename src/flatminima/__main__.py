@@ -1,0 +1,7 @@
+"""``python -m flatminima`` = the ``flatminima`` command (``python -m flatminima.experiments`` too)."""
+
+import sys
+
+from .experiments.cli import main
+
+sys.exit(main())
