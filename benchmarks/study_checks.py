@@ -81,37 +81,43 @@ def _looksam_run(kind: str, alpha: float, epochs: int, seed: int = 0) -> tuple[f
     return test, train
 
 
-def _esam_run(spec: str, seed: int) -> tuple[float, float, float]:
+def _esam_run(spec: str, seed: int, epochs: int) -> tuple[float, float, float]:
     """Test accuracy, train accuracy on the noisy labels and final training loss of one run of
     the study's "mnist1d-cnn, sym 20%" cell."""
     preset = PRESETS["full"]
     setup = next(s for s in preset.setups if s.name == "mnist1d-cnn")
     noise = next(n for n in NOISES if n.name == "sym 20%")
     cfg = preset.config(setup, noise, spec, seed)
-    cfg.progress = "none"
+    cfg.progress, cfg.epochs = "none", epochs
     result = compare(cfg, plots=False)
     final = result.runs[0].final
     return final["test_acc"], final["train_acc"], final["train_loss"]
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict[str, list[tuple[str, float, float, float]]]:
+    """Print both tables; return their rows (LookSAM: optimizer, alpha, test, train; ESAM: method,
+    test, train, loss)."""
     p = argparse.ArgumentParser(prog="python -m benchmarks.study_checks", description=__doc__.split("\n\n")[0])
-    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--epochs", type=int, default=20, help="epochs of every run (the study's: 20)")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     print("1. LookSAM, MNIST-1D CNN, clean labels, seed 0, rho 0.05, k 5, SGD(0.1, momentum 0.9, wd 5e-4), cosine")
     print(f"   {'optimizer':32s} {'alpha':>5s} {'test %':>7s} {'train %':>8s}")
     runs = [("sgd", 0.0), ("flatminima", 0.7), ("flatminima layerwise", 0.7), ("pytorch_optimizer", 0.7),
             ("flatminima", 0.1), ("pytorch_optimizer", 0.1), ("flatminima", 0.0)]
+    out: dict[str, list[tuple[str, float, float, float]]] = {"looksam": [], "esam": []}
     for kind, alpha in runs:
         test, train = _looksam_run(kind, alpha, a.epochs)
+        out["looksam"].append((kind, alpha, test, train))
         print(f"   {kind:32s} {alpha if kind != 'sgd' else '-':>5} {test:7.1f} {train:8.1f}", flush=True)
     print("\n2. ESAM, the study's cell mnist1d-cnn, sym 20%, seed 1 (rho 0.05, the kept radius)")
     print(f"   {'method':32s} {'test %':>7s} {'train % (noisy)':>16s} {'train loss':>10s}")
     for spec in ("sgd", "esam:rho=0.05", "esam:rho=0.05,gamma=1.0", "esam:rho=0.05,beta=1.0"):
-        test, train, loss = _esam_run(spec, seed=1)
+        test, train, loss = _esam_run(spec, 1, a.epochs)
+        out["esam"].append((spec, test, train, loss))
         print(f"   {spec:32s} {test:7.1f} {train:16.1f} {loss:10.3f}", flush=True)
     print("\n   (a training loss of ln 10 = 2.303 is a model that predicts the uniform distribution)")
+    return out
 
 
 if __name__ == "__main__":
