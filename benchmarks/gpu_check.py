@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -190,6 +191,45 @@ def check_fsdp2(device: torch.device) -> str:
     return f"{backend}, world size 1, 3 steps, largest difference {err:.1e}"
 
 
+def check_deferred_finite_check(device: torch.device) -> str:
+    """``model=`` given, the deferral forced on and off: a BatchNorm model, 4 SAM steps equal
+    to the early checked ones bit for bit, then a NaN clean pass: the step is skipped after the
+    perturbed pass ran, with the weights and running statistics as the early checked run leaves them."""
+    results = []
+    for defer in (False, True):
+        old, _deferred.FORCE = _deferred.FORCE, defer
+        try:
+            torch.manual_seed(0)
+            model = nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 4)).to(device)
+            x, y = _batch(device)
+            opt = _create("sam", model, model=model)
+            calls = [0]
+
+            def closure(bad: bool = False) -> torch.Tensor:
+                calls[0] += 1
+                opt.zero_grad()
+                loss = F.cross_entropy(model(x), y)
+                (loss * float("nan") if bad else loss).backward()
+                return loss
+
+            for _ in range(4):
+                opt.step(closure)
+            calls[0] = 0
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                opt.step(lambda: closure(bad=calls[0] == 0))
+            results.append(([t.detach().clone() for t in model.state_dict().values()], calls[0], opt.skipped_steps))
+        finally:
+            _deferred.FORCE = old
+    (early, early_calls, early_skips), (late, late_calls, late_skips) = results
+    if (early_skips, late_skips) != (1, 1) or (early_calls, late_calls) != (1, 2):
+        raise AssertionError(f"skips {early_skips}/{late_skips}, closure calls {early_calls}/{late_calls} "
+                             "(expected 1/1 and 1/2)")
+    if any(not torch.equal(a, b) for a, b in zip(early, late)):
+        raise AssertionError("deferred and early checked runs differ (weights or running statistics)")
+    return "4 steps and a NaN skip: weights and BatchNorm statistics equal to the early check's bit for bit"
+
+
 class _Skip(Exception):
     pass
 
@@ -198,6 +238,7 @@ CHECKS: dict[str, Callable[[torch.device], str]] = {
     "fp16 with a real GradScaler": check_fp16_scaler,
     "fast path equals the reference path": check_fast_path_equals_reference,
     "every method, one step": check_every_method_one_step,
+    "one synchronisation: the deferred finite check": check_deferred_finite_check,
     "FSDP2, world size 1": check_fsdp2,
 }
 
@@ -225,11 +266,11 @@ def count_syncs(device: torch.device, calls: int = 3) -> dict[str, dict[str, Any
     (``flatminima._deferred``; on the CPU it is otherwise off)."""
     counter = syncs.count_cuda_syncs if device.type == "cuda" else syncs.count_host_reads
     out: dict[str, dict[str, Any]] = {}
-    old, _deferred.ON_HOST = _deferred.ON_HOST, True  # on CPU too: the reads a device would make
+    old, _deferred.FORCE = _deferred.FORCE, True  # on CPU too: the reads a device would make
     try:
         _count_each(device, counter, calls, out)
     finally:
-        _deferred.ON_HOST = old
+        _deferred.FORCE = old
     return out
 
 

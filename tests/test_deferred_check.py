@@ -1,7 +1,7 @@
 """``step(closure)`` reads the clean pass's finite verdict together with the perturbed pass's
 (``flatminima._deferred``): one host read, so one CUDA synchronisation, per SAM step. On the
 CPU the deferral is off (a read costs nothing there); these tests turn it on
-(``_deferred.ON_HOST``) and check that it changes nothing but the number of reads: the same
+(``_deferred.FORCE = True``; ``False`` is the early check) and check that it changes nothing but the number of reads: the same
 weights and state step for step, the same skips, and running statistics untouched by the pass
 that runs at a non-finite point.
 """
@@ -34,7 +34,7 @@ CLOSURE_CASES = [c for c in one_case_per_method(CASES) if c.closure == "loss"]
 
 @pytest.fixture
 def on_host(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_deferred, "ON_HOST", True)
+    monkeypatch.setattr(_deferred, "FORCE", True)
 
 
 def build(case, batchnorm: bool = False, with_model: bool = True):
@@ -73,7 +73,7 @@ def test_deferred_steps_equal_the_early_checked_ones(case, monkeypatch) -> None:
     checked one (weights, running statistics, the whole state dict)."""
     runs = []
     for defer in (False, True):
-        monkeypatch.setattr(_deferred, "ON_HOST", defer)
+        monkeypatch.setattr(_deferred, "FORCE", defer)
         model, opt = build(case, batchnorm=True)
         for i, (x, y) in enumerate(batches(6, dtype=DTYPE, size=16)):
             torch.manual_seed(i)
@@ -103,7 +103,7 @@ def test_without_model_or_on_the_cpu_or_under_a_scaler_the_check_stays_early(mon
     case = next(c for c in CLOSURE_CASES if c.method == "sam")
     x, y = batches(1, dtype=DTYPE, size=16)[0]
     for defer, with_model, scaled in [(True, False, False), (False, True, False), (True, True, True)]:
-        monkeypatch.setattr(_deferred, "ON_HOST", defer)
+        monkeypatch.setattr(_deferred, "FORCE", defer)
         model, opt = build(case, with_model=with_model)
         scaler = torch.amp.GradScaler("cpu", init_scale=1.0) if scaled else None
 
@@ -130,7 +130,7 @@ def test_a_deferred_step_skips_as_the_early_one_does(case, mode, where, monkeypa
     bad = {"clean": 1, "perturbed": 2}[where]
     runs = []
     for defer in (False, True):
-        monkeypatch.setattr(_deferred, "ON_HOST", defer)
+        monkeypatch.setattr(_deferred, "FORCE", defer)
         model, opt = build(case, batchnorm=True)
         states, messages, calls = [], [], [0]
         for i, (x, y) in enumerate(data):
@@ -182,7 +182,7 @@ def test_an_overflowing_clean_norm_is_a_skip_when_deferred(monkeypatch) -> None:
     case = next(c for c in CLOSURE_CASES if c.method == "sam")
     results = {}
     for defer in (False, True):
-        monkeypatch.setattr(_deferred, "ON_HOST", defer)
+        monkeypatch.setattr(_deferred, "FORCE", defer)
         torch.manual_seed(0)
         model = nn.Linear(4, 1, bias=False)
         opt = flatminima.create(case.method, model.parameters(), torch.optim.SGD, lr=1e-22, model=model)

@@ -17,7 +17,8 @@ def test_cpu_fallback_runs_every_check_and_writes_the_report(tmp_path: Path) -> 
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / "report.json").read_text())
-    assert [c["status"] for c in report["checks"]] == ["PASS"] * 4, report["checks"]
+    assert [c["status"] for c in report["checks"]] == ["PASS"] * 5, report["checks"]
+    assert "[PASS] one synchronisation: the deferred finite check" in (tmp_path / "report.txt").read_text()
     assert report["env"]["device"].startswith("cpu (no GPU")
     syncs = report["syncs"]
     assert set(syncs) >= {"sam", "asam", "wsam", "gsam", "looksam", "ae_sam", "sam + GradScaler", "sam without model="}

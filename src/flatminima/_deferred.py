@@ -37,8 +37,9 @@ from ._context import StepContext, total
 if TYPE_CHECKING:
     from ._base import SharpnessAware
 
-#: defer on the CPU as well (tests set it: the CPU is where the suite runs)
-ON_HOST = False
+#: None: defer on accelerators only; True: on every device (the tests, on the CPU); False: never
+#: (the early check everywhere, to compare with)
+FORCE: bool | None = None
 
 
 def may_defer(opt: SharpnessAware, ctx: StepContext) -> bool:
@@ -47,7 +48,7 @@ def may_defer(opt: SharpnessAware, ctx: StepContext) -> bool:
         return False
     if opt.model is None or opt.decides_from_gradient or not ctx.grad_sq:
         return False
-    return ON_HOST or ctx.grad_sq[0].device.type != "cpu"
+    return ctx.grad_sq[0].device.type != "cpu" if FORCE is None else FORCE
 
 
 def clean_phase(opt: SharpnessAware, ctx: StepContext, defer: bool) -> str:
