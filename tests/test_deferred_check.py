@@ -200,3 +200,34 @@ def test_an_overflowing_clean_norm_is_a_skip_when_deferred(monkeypatch) -> None:
             opt.step(closure)
         results[defer] = (opt.skipped_steps, torch.equal(model.weight, w0))
     assert results == {False: (0, False), True: (1, True)}
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.closure != "loss"], ids=lambda c: c.id)
+def test_esam_per_sample_closures_defer_alike(case, monkeypatch) -> None:
+    """ESAM's per-sample closure (the data selection's forward at ``w + eps`` included), a NaN clean
+    pass at the third step: deferred and early checked runs end bit-identical, BatchNorm included;
+    the deferred one ran the passes at the non-finite point and skipped the same step."""
+    from helpers import make_closure
+
+    runs = []
+    for defer in (False, True):
+        monkeypatch.setattr(_deferred, "FORCE", defer)
+        model, opt = build(case, batchnorm=True)
+        calls: list[int] = []
+        for i, (x, y) in enumerate(batches(5, dtype=DTYPE, size=16)):
+            per_sample = make_closure(opt, model, x, y, kind="per_sample")
+
+            def closure(indices=None, i=i, per_sample=per_sample):
+                calls.append(i)
+                out = per_sample(indices)
+                return out * math.nan if i == 2 and calls.count(2) == 1 else out
+
+            torch.manual_seed(i)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                opt.step(closure)
+        runs.append((clone_tree(model.state_dict()), clone_tree(opt.state_dict()), opt.skipped_steps, calls.count(2)))
+    (m0, o0, s0, c0), (m1, o1, s1, c1) = runs
+    assert_tree_equal(m1, m0, "model")
+    assert_tree_equal(o1, o0, "optimizer")
+    assert (s0, s1) == (1, 1) and c0 == 1 and c1 > 1
