@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -265,3 +266,28 @@ def pre_pass(method: str | type) -> bool:
     pass; read from the class."""
     cls = flatminima.get_method(method).cls if isinstance(method, str) else method
     return bool(cls.pre_pass)
+
+
+def closure_for(
+    opt: Any, model: nn.Module, x: torch.Tensor, y: torch.Tensor, bad_call: int | None = None, mode: str = "nan_loss"
+) -> tuple[Callable[[], torch.Tensor], list[int]]:
+    """A closure whose ``bad_call``-th call (1 = clean pass, 2 = perturbed
+    pass) produces a non-finite gradient (``mode``: nan_loss, inf_loss, nan_grad or inf_grad, the
+    latter two in one element of one tensor); ``calls`` counts the calls."""
+    calls = [0]
+
+    def closure() -> torch.Tensor:
+        calls[0] += 1
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        bad = calls[0] == bad_call
+        if bad and mode.endswith("_loss"):
+            scale = torch.tensor(math.nan if mode == "nan_loss" else math.inf, dtype=loss.dtype)
+            loss = loss * scale
+        loss.backward()
+        if bad and mode.endswith("_grad"):
+            p = list(model.parameters())[1]  # one element of one tensor
+            p.grad.view(-1)[3] = math.nan if mode == "nan_grad" else math.inf
+        return loss
+
+    return closure, calls

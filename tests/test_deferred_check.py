@@ -20,7 +20,7 @@ from torch import nn
 
 import flatminima
 from flatminima import _deferred
-from helpers import assert_tree_equal, batches, clone_tree, mlp, one_case_per_method, params_of, pre_pass
+from helpers import assert_tree_equal, batches, clone_tree, closure_for, mlp, one_case_per_method, params_of, pre_pass
 from methods_db import CASES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,23 +44,6 @@ def build(case, batchnorm: bool = False, with_model: bool = True):
         lr=0.05, momentum=0.9, weight_decay=1e-3, model=model if with_model else None,
     )
     return model, opt
-
-
-def closure_for(opt, model, x, y, bad_call: int | None = None, mode: str = "nan_loss"):
-    calls = [0]
-
-    def closure():
-        calls[0] += 1
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y)
-        if calls[0] == bad_call and mode == "nan_loss":
-            loss = loss * torch.tensor(math.nan, dtype=loss.dtype)
-        loss.backward()
-        if calls[0] == bad_call and mode == "inf_grad":
-            next(iter(model.parameters())).grad.view(-1)[3] = math.inf
-        return loss
-
-    return closure, calls
 
 
 def reads_by_function(where: dict[str, int]) -> dict[str, int]:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import flatminima
-from helpers import assert_tree_equal, batches, clone_tree, mlp, one_case_per_method, params_of, pre_pass
+from helpers import assert_tree_equal, batches, clone_tree, closure_for, mlp, one_case_per_method, params_of, pre_pass
 from methods_db import CASES
 
 PER_METHOD = one_case_per_method(CASES)
@@ -30,28 +30,6 @@ def build(case):
         case.method, model.parameters(), torch.optim.SGD, **case.kwargs, lr=0.05, momentum=0.9, weight_decay=1e-3
     )
     return model, opt
-
-
-def closure_for(opt, model, x, y, bad_call: int | None = None, mode: str = "nan_loss"):
-    """A closure whose ``bad_call``-th call (1 = clean pass, 2 = perturbed
-    pass) produces a non-finite gradient; ``calls`` counts the calls."""
-    calls = [0]
-
-    def closure():
-        calls[0] += 1
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y)
-        bad = calls[0] == bad_call
-        if bad and mode.endswith("_loss"):
-            scale = torch.tensor(math.nan if mode == "nan_loss" else math.inf, dtype=loss.dtype)
-            loss = loss * scale
-        loss.backward()
-        if bad and mode.endswith("_grad"):
-            p = list(model.parameters())[1]  # one element of one tensor
-            p.grad.view(-1)[3] = math.nan if mode == "nan_grad" else math.inf
-        return loss
-
-    return closure, calls
 
 
 def run_step(opt, closure, api: str) -> bool | None:
