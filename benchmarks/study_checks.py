@@ -27,17 +27,16 @@ import torch
 from ._env import flatminima  # noqa: F401  (falls back to src/ when not installed)
 import flatminima
 from flatminima.experiments import compare
-from flatminima.experiments.data import load_dataset
+from flatminima.experiments.data import Dataset, load_dataset
 from flatminima.experiments.models import build_model
 from flatminima.experiments.study import NOISES, PRESETS
 
 
-def _looksam_run(kind: str, alpha: float, epochs: int, seed: int = 0) -> tuple[float, float]:
+def _looksam_run(data: Dataset, kind: str, alpha: float, epochs: int, seed: int = 0) -> tuple[float, float]:
     """Test and train accuracy (%) of one LookSAM run on clean MNIST-1D with the CNN; ``kind``:
     "sgd", "flatminima", "flatminima layerwise" or "pytorch_optimizer"."""
     import pytorch_optimizer as po
 
-    data = load_dataset("mnist1d", num_samples=10000)
     x_all, y_all = data.x_train, data.y_train
     torch.manual_seed(seed)
     model = build_model("cnn1d", tuple(x_all.shape[1:]), 10, dataset="mnist1d")
@@ -103,11 +102,12 @@ def main(argv: list[str] | None = None) -> dict[str, list[tuple[str, float, floa
     torch.set_num_threads(1)
     print("1. LookSAM, MNIST-1D CNN, clean labels, seed 0, rho 0.05, k 5, SGD(0.1, momentum 0.9, wd 5e-4), cosine")
     print(f"   {'optimizer':32s} {'alpha':>5s} {'test %':>7s} {'train %':>8s}")
+    data = load_dataset("mnist1d", num_samples=10000)  # once: every LookSAM run trains on the same split
     runs = [("sgd", 0.0), ("flatminima", 0.7), ("flatminima layerwise", 0.7), ("pytorch_optimizer", 0.7),
             ("flatminima", 0.1), ("pytorch_optimizer", 0.1), ("flatminima", 0.0)]
     out: dict[str, list[tuple[str, float, float, float]]] = {"looksam": [], "esam": []}
     for kind, alpha in runs:
-        test, train = _looksam_run(kind, alpha, a.epochs)
+        test, train = _looksam_run(data, kind, alpha, a.epochs)
         out["looksam"].append((kind, alpha, test, train))
         print(f"   {kind:32s} {alpha if kind != 'sgd' else '-':>5} {test:7.1f} {train:8.1f}", flush=True)
     print("\n2. ESAM, the study's cell mnist1d-cnn, sym 20%, seed 1 (rho 0.05, the kept radius)")
